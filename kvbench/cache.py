@@ -4,9 +4,8 @@
 works unchanged. Each layer keeps the GQA layout (one entry per KV head) and, after
 compression, holds smaller tensors: evicted tokens are gathered out, never masked.
 
-Positions stay true after eviction: ``get_seq_length`` reports the *logical* length (tokens
-seen, which places new tokens and their RoPE), ``get_mask_sizes`` the *physical* length (tokens
-held) with an offset of ``logical - physical``, so causality among new tokens stays right.
+The storage of each layer is the method's ``layer_class`` (see ``kvbench.layers``); what to keep
+is the method's ``compress`` hook, so the cache itself knows no method family.
 
 Compression happens during the prefill forward, layer by layer, right after the layer's
 attention has run on the full states (see ``kvbench.attention``): the layer's output is exact
@@ -20,58 +19,11 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
-from kvbench.methods import LayerInputs, Method, TokenMethod
+from kvbench.methods import LayerInputs, Method
 
 ACTIVE_CACHE: ContextVar[CompressedCache | None] = ContextVar("kvbench_active_cache", default=None)
-
-
-class CompressedLayer(DynamicLayer):
-    """One layer's cache: tensors ``[batch, kv_heads, held_tokens, head_dim]`` plus the logical length."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.seen_tokens = 0
-        self.full_nbytes: int | None = None  # bytes the layer held before compression, measured
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        self.seen_tokens += key_states.shape[-2]
-        return keys, values
-
-    def held_tokens(self) -> int:
-        return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
-
-    def get_seq_length(self) -> int:
-        return self.seen_tokens
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        held = self.held_tokens()
-        return held + query_length, self.seen_tokens - held
-
-    def crop(self, tokens_to_remove: int) -> None:
-        held = self.held_tokens()
-        super().crop(tokens_to_remove)
-        self.seen_tokens -= held - self.held_tokens()
-
-    def reset(self) -> None:
-        super().reset()
-        self.seen_tokens = 0
-        self.full_nbytes = None
-
-    def tensors(self) -> list[torch.Tensor]:
-        """Every tensor this layer stores; what ``nbytes`` counts."""
-        return [t for t in (self.keys, self.values) if t is not None]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
-    def keep(self, indices: torch.Tensor) -> None:
-        """Replace the held tensors by new, smaller ones holding only ``indices`` per KV head."""
-        gather = indices.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, gather).contiguous()
-        self.values = self.values.gather(2, gather.expand(-1, -1, -1, self.values.shape[-1])).contiguous()
 
 
 class CompressedCache(Cache):
@@ -82,7 +34,7 @@ class CompressedCache(Cache):
     """
 
     def __init__(self, method: Method, budget: float = 1.0, seed: int = 0) -> None:
-        super().__init__(layer_class_to_replicate=CompressedLayer)
+        super().__init__(layer_class_to_replicate=method.layer_class)
         self.method = method
         self.budget = budget
         self.seed = seed
@@ -111,11 +63,8 @@ class CompressedCache(Cache):
         if not self._armed or layer.full_nbytes is not None:
             return
         layer.full_nbytes = layer.nbytes()
-        if isinstance(self.method, TokenMethod):
-            inputs = LayerInputs(layer.keys, layer.values, queries, layer_idx, scaling, self.seed)
-            indices = self.method.keep_indices(inputs, self.budget)
-            if indices is not None:
-                layer.keep(indices)
+        inputs = LayerInputs(layer.keys, layer.values, queries, layer_idx, scaling, self.seed)
+        self.method.compress(layer, inputs, self.budget)
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds now, measured from the tensors."""

@@ -220,6 +220,8 @@ def run(config: RunConfig) -> Path:
     store.open(run_metadata(config))
     print(f"kvbench: loading {config.model.name} on {config.device} ({config.dtype})", flush=True)
     model, tokenizer = load(config.model, config.device, config.dtype, config.attn_implementation)
+    for spec in config.methods:
+        spec.method.prepare(model, tokenizer)
     tasks = [task_cls() for task_cls in config.tasks]
     samples = {task.name: task.samples(tokenizer, config.task_config) for task in tasks}
     cells = expand(config, tasks, samples)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+
+from kvbench.layers import CompressedLayer
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,17 @@ class Method:
     family: ClassVar[str]  # "reference" | "token" | "dimension"
     summary: ClassVar[str]
     uses_queries: ClassVar[bool] = False  # whether scores depend on the prompt's queries (query-aware)
+    layer_class: ClassVar[type[CompressedLayer]] = CompressedLayer  # how a layer stores what is kept
 
     @classmethod
     def options(cls) -> dict[str, dataclasses.Field]:
         return {f.name: f for f in dataclasses.fields(cls)}
+
+    def prepare(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        """Called once per loaded model before any cell runs (e.g. load or fit a calibration artifact)."""
+
+    def compress(self, layer: CompressedLayer, inputs: LayerInputs, budget: float) -> None:
+        """Shrink one layer right after its prefill attention ran; the reference keeps everything."""
 
 
 @dataclass
@@ -69,6 +78,11 @@ class TokenMethod(Method):
     def score(self, inputs: LayerInputs) -> torch.Tensor:
         """Return ``[batch, kv_heads, tokens]`` scores; higher means keep."""
         raise NotImplementedError
+
+    def compress(self, layer: CompressedLayer, inputs: LayerInputs, budget: float) -> None:
+        indices = self.keep_indices(inputs, budget)
+        if indices is not None:
+            layer.keep(indices)
 
     def keep_indices(self, inputs: LayerInputs, budget: float) -> torch.Tensor | None:
         """Sorted token indices to keep per KV head, or None when every token fits the budget."""
