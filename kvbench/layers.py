@@ -8,36 +8,88 @@ RoPE), ``get_mask_sizes`` the *physical* length (tokens held) with an offset of
 
 Other layouts (latent, per-head variable length) subclass it and keep the same contract: ``nbytes``
 counts every tensor the layer stores, and ``full_nbytes`` records what it held before compression.
+
+transformers builds one attention mask per forward, from layer 0's ``get_mask_sizes``. Layers that
+hold a different number of tokens than layer 0 (PyramidKV) or a different number per head (AdaKV)
+therefore build their own mask at attention time (``attention_mask``), which kvbench's attention
+function passes to sdpa instead. ``update`` records which layer produced the keys attention is
+about to see (``LAST_UPDATE``), so the attention function can find the layer without the cache.
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+from typing import Any
+
 import torch
 from transformers.cache_utils import DynamicLayer
 
+# (layer, keys returned by its last update): lets kvbench's attention function find the layer whose keys it sees.
+LAST_UPDATE: ContextVar[tuple[CompressedLayer, torch.Tensor] | None] = ContextVar("kvbench_last_update", default=None)
+
+
+def _query_length(query: int | torch.Tensor) -> int:
+    """transformers < 5.3 passes ``cache_position`` to ``get_mask_sizes``, later versions the query length."""
+    return query if isinstance(query, int) else int(query.shape[0])
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """``[q_len, kv_len]`` boolean mask for queries that are the last ``q_len`` of ``kv_len`` keys."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+
 
 class CompressedLayer(DynamicLayer):
-    """One layer's cache: tensors ``[batch, kv_heads, held_tokens, head_dim]`` plus the logical length."""
+    """One layer's cache: tensors ``[batch, kv_heads, held_tokens, head_dim]`` plus the logical length.
+
+    Two optional tensors serve decoding-phase compression and count in ``nbytes`` while they exist:
+    ``scores`` (``[batch, kv_heads, held]``, e.g. H2O's accumulated attention) and ``recent_queries``
+    (the queries of the tokens added since the last compression, which query-aware scores need).
+    """
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.seen_tokens = 0
         self.full_nbytes: int | None = None  # bytes the layer held before compression, measured
+        self.scores: torch.Tensor | None = None
+        self.recent_queries: torch.Tensor | None = None
+        self.owner: Any = None  # the cache whose method compresses this layer while decoding
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         self.seen_tokens += key_states.shape[-2]
+        if self.scores is not None:
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(*self.scores.shape[:2], key_states.shape[-2])],
+                                    dim=-1)
+        LAST_UPDATE.set((self, keys))
         return keys, values
 
     def held_tokens(self) -> int:
         return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
 
+    def tokens_per_head(self) -> float:
+        """Tokens a KV head holds on average: what a budget in tokens is compared with."""
+        return self.held_tokens()
+
     def get_seq_length(self) -> int:
         return self.seen_tokens
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         held = self.held_tokens()
-        return held + query_length, self.seen_tokens - held
+        return held + _query_length(query_length), self.seen_tokens - held
+
+    def attention_mask(self, query: torch.Tensor, keys: torch.Tensor,
+                       given: torch.Tensor | None) -> torch.Tensor | None:
+        """The mask attention should use for ``query`` on ``keys`` (what ``update`` returned).
+
+        transformers' mask fits layer 0's length; a layer holding another length gets a causal mask of
+        its own (new tokens are the last ``q_len`` keys). Assumes unpadded rows, as kvbench runs them.
+        """
+        q_len, kv_len = query.shape[-2], keys.shape[-2]
+        if given is not None and given.shape[-1] == kv_len:
+            return given
+        if q_len == 1 or (given is None and q_len == kv_len):
+            return None  # every held key is visible (one query), or plain causal prefill
+        return causal_mask(q_len, kv_len, keys.device)[None, None]
 
     def crop(self, tokens_to_remove: int) -> None:
         held = self.held_tokens()
@@ -48,10 +100,11 @@ class CompressedLayer(DynamicLayer):
         super().reset()
         self.seen_tokens = 0
         self.full_nbytes = None
+        self.scores = self.recent_queries = None
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer stores; what ``nbytes`` counts."""
-        return [t for t in (self.keys, self.values) if t is not None]
+        return [t for t in (self.keys, self.values, self.scores, self.recent_queries) if t is not None]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -61,3 +114,118 @@ class CompressedLayer(DynamicLayer):
         gather = indices.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
         self.keys = self.keys.gather(2, gather).contiguous()
         self.values = self.values.gather(2, gather.expand(-1, -1, -1, self.values.shape[-1])).contiguous()
+        if self.scores is not None:
+            self.scores = self.scores.gather(2, indices).contiguous()
+
+
+class PerHeadLayer(CompressedLayer):
+    """Per-head variable length, stored packed: no padding, no masking, no KV repeated per query head.
+
+    Before compression the layer is dense like ``CompressedLayer``. ``keep_per_head`` packs it: ``keys`` and
+    ``values`` become ``[sum of held tokens over (batch, kv_head), head_dim]`` in (batch, head, position) order,
+    and ``lengths`` (``[batch, kv_heads]``) says how many tokens each head holds. Attention gets a transient
+    dense view, left-padded to the longest head, and a per-head mask that hides the padding (``attention_mask``).
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.lengths: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None  # [batch, kv_heads, longest] of the last dense view
+
+    @property
+    def packed(self) -> bool:
+        return self.lengths is not None
+
+    def held_tokens(self) -> int:
+        """Tokens per head that attention sees: the longest head's length."""
+        return int(self.lengths.max()) if self.packed else super().held_tokens()
+
+    def tokens_per_head(self) -> float:
+        return float(self.lengths.float().mean()) if self.packed else super().tokens_per_head()
+
+    def head_lengths(self) -> torch.Tensor:
+        """``[batch, kv_heads]`` tokens held per head."""
+        if self.packed:
+            return self.lengths
+        return torch.full(self.keys.shape[:2], self.held_tokens(), dtype=torch.long, device=self.keys.device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return super().tensors() + ([self.lengths] if self.packed else [])
+
+    def reset(self) -> None:
+        super().reset()
+        self.lengths = self._valid = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.packed:
+            raise NotImplementedError("a per-head variable-length cache cannot be cropped")
+        super().crop(tokens_to_remove)
+
+    def heads(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(keys, values)`` of every (batch, kv_head), each ``[held, head_dim]``, in (batch, head) order."""
+        if not self.packed:
+            return list(zip(self.keys.flatten(0, 1).unbind(0), self.values.flatten(0, 1).unbind(0), strict=True))
+        sizes = self.lengths.flatten().tolist()
+        return list(zip(self.keys.split(sizes), self.values.split(sizes), strict=True))
+
+    def keep_per_head(self, indices: list[torch.Tensor]) -> None:
+        """Keep, per (batch, kv_head) in that order, the sorted token ``indices`` of that head; packs the layer."""
+        batch, kv_heads = (self.lengths.shape if self.packed else self.keys.shape[:2])
+        kept = [(k[i], v[i]) for (k, v), i in zip(self.heads(), indices, strict=True)]
+        self.keys = torch.cat([k for k, _ in kept]).contiguous()
+        self.values = torch.cat([v for _, v in kept]).contiguous()
+        self.lengths = torch.tensor([len(i) for i in indices], dtype=torch.long, device=self.keys.device)
+        self.lengths = self.lengths.reshape(batch, kv_heads)
+        self.scores = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.packed:
+            return super().update(key_states, value_states, *args, **kwargs)
+        batch, kv_heads, q_len, _ = key_states.shape
+        rows = batch * kv_heads
+        lengths = self.lengths.flatten()
+        head_of = torch.repeat_interleave(torch.arange(rows, device=lengths.device), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths  # where each head's segment starts in the old packing
+        new_starts = starts + torch.arange(rows, device=lengths.device) * q_len
+        new_slots = (new_starts + lengths)[:, None] + torch.arange(q_len, device=lengths.device)  # [rows, q_len]
+        total = self.keys.shape[0] + rows * q_len
+        old_slots = torch.arange(self.keys.shape[0], device=lengths.device) + head_of * q_len
+        packed = []
+        for stored, new in ((self.keys, key_states), (self.values, value_states)):
+            out = stored.new_empty(total, stored.shape[-1])
+            out[old_slots] = stored
+            out[new_slots.flatten()] = new.flatten(0, 2)
+            packed.append(out)
+        self.keys, self.values = packed
+        self.lengths = self.lengths + q_len
+        self.seen_tokens += q_len
+        keys, values = self.dense()
+        LAST_UPDATE.set((self, keys))
+        return keys, values
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transient ``[batch, kv_heads, longest, head_dim]`` views, each head right-aligned (left padding)."""
+        batch, kv_heads = self.lengths.shape
+        lengths = self.lengths.flatten()
+        longest = int(lengths.max())
+        head_of = torch.repeat_interleave(torch.arange(batch * kv_heads, device=lengths.device), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        within = torch.arange(self.keys.shape[0], device=lengths.device) - starts[head_of]
+        slots = head_of * longest + (longest - lengths[head_of]) + within
+        views = []
+        for stored in (self.keys, self.values):
+            out = stored.new_zeros(batch * kv_heads * longest, stored.shape[-1])
+            out[slots] = stored
+            views.append(out.reshape(batch, kv_heads, longest, stored.shape[-1]))
+        positions = torch.arange(longest, device=lengths.device)
+        self._valid = (positions >= (longest - self.lengths)[..., None])  # [batch, kv_heads, longest]
+        return views[0], views[1]
+
+    def attention_mask(self, query: torch.Tensor, keys: torch.Tensor,
+                       given: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.packed:
+            return super().attention_mask(query, keys, given)
+        q_len, kv_len = query.shape[-2], keys.shape[-2]
+        group = query.shape[1] // keys.shape[1]
+        mask = causal_mask(q_len, kv_len, keys.device)[None, None] & self._valid[:, :, None, :]
+        return mask.repeat_interleave(group, dim=1)  # transient, one per query head: sdpa needs it per head

@@ -17,19 +17,9 @@ from kvbench.methods import BUILTIN_METHODS, Method
 from kvbench.tasks import BUILTIN_TASKS
 from kvbench.tasks.base import Task
 
-# Methods the project is building: named so that asking for them gives a precise answer.
-PLANNED_METHODS: dict[str, str] = {
-    "dynakv": "DynaKV (token-wise adaptive low-rank) is not available yet: it lands with issue #3",
-    "palu": "Palu (low-rank latent cache) is not available yet: it lands with issue #3",
-}
-
 
 class RegistryError(ValueError):
     """A name that is not registered; the message lists the valid ones."""
-
-
-class NotAvailableYet(RegistryError):
-    """A method the project is building but has not shipped; the message says when it lands."""
 
 
 def _plugins(group: str) -> dict[str, type]:
@@ -55,11 +45,16 @@ def tasks() -> dict[str, type[Task]]:
 
 
 def method_class(name: str) -> type[Method]:
+    if name.startswith("kvpress:"):  # any press of the optional kvpress package
+        from kvbench.methods.kvpress_adapter import press_method
+
+        try:
+            return press_method(name.removeprefix("kvpress:"))
+        except ValueError as error:
+            raise RegistryError(str(error)) from None
     registered = methods()
     if name in registered:
         return registered[name]
-    if name in PLANNED_METHODS:
-        raise NotAvailableYet(PLANNED_METHODS[name])
     raise RegistryError(f"unknown method {name!r}; valid methods: {', '.join(sorted(registered))}")
 
 

@@ -5,6 +5,7 @@ Data flows one way: CLI -> runner -> (model + cache + method) -> result rows -> 
 
 from __future__ import annotations
 
+import math
 import platform
 import shlex
 import subprocess
@@ -69,18 +70,28 @@ def encode(tokenizer: Any, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids of the context part and the question part of the prompt.
 
     Both query modes use exactly these ids, so they differ only in what gets compressed. The
-    chat template (when the tokenizer has one) wraps context and question as one user turn.
+    chat template (when the tokenizer has one and the sample wants it) wraps context and question as
+    one user turn. A verbatim sample's context + question is the whole prompt, as the task wrote it; a
+    verbatim prompt without chat template is tokenized with the tokenizer's own special tokens (as
+    LongBench's code does). The sample's answer prefix goes after the generation prompt.
     """
-    if getattr(tokenizer, "chat_template", None):
-        content = sample.context + QUESTION_MARK + "\n\n" + sample.question
+    chat = sample.chat_template and getattr(tokenizer, "chat_template", None)
+    joiner = "" if sample.verbatim else "\n\n"
+    if chat:
+        content = sample.context + QUESTION_MARK + joiner + sample.question
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
         head, tail = text.split(QUESTION_MARK)
+    elif sample.verbatim:
+        head, tail = sample.context, sample.question
     else:
         head, tail = sample.context, "\n\n" + sample.question + "\nAnswer:"
-    ids = [tokenizer(part, add_special_tokens=False, return_tensors="pt").input_ids for part in (head, tail)]
-    if not getattr(tokenizer, "chat_template", None) and tokenizer.bos_token_id is not None:
+    tail += sample.answer_prefix
+    special = bool(sample.verbatim and not chat)
+    ids = [tokenizer(part, add_special_tokens=special and i == 0, return_tensors="pt").input_ids
+           for i, part in enumerate((head, tail))]
+    if not chat and not special and tokenizer.bos_token_id is not None:
         ids[0] = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids[0]], dim=1)
     return ids[0], ids[1]
 
@@ -95,14 +106,15 @@ def evaluate(model: Any, tokenizer: Any, cell: Cell, seed: int) -> dict[str, Any
     with torch.inference_mode(), PeakMemory(device) as peak:
         with timed(device, times, "prefill_s"):
             if cell.query_aware:
-                with cache.compressing():
+                with cell.spec.method.prefill_context(model, cell.budget), cache.compressing():
                     logits = model(prompt, past_key_values=cache, logits_to_keep=1).logits
                 kv_bytes, full_kv_bytes = cache.nbytes(), cache.full_nbytes()
             else:
-                with cache.compressing():
+                with cell.spec.method.prefill_context(model, cell.budget), cache.compressing():
                     model(context_ids, past_key_values=cache, logits_to_keep=1)
                 kv_bytes, full_kv_bytes = cache.nbytes(), cache.full_nbytes()
                 logits = model(question_ids, past_key_values=cache, logits_to_keep=1).logits
+        method_fields = cell.spec.method.row_fields(model)  # e.g. masked: a press hid tokens instead of evicting
         first = logits[:, -1].argmax(dim=-1, keepdim=True)
         generated = first
         eos = _eos_ids(model, tokenizer)
@@ -115,19 +127,66 @@ def evaluate(model: Any, tokenizer: Any, cell: Cell, seed: int) -> dict[str, Any
                 output = model.generate(torch.cat([prompt, first], dim=1), past_key_values=cache,
                                         generation_config=config)
             generated = output[:, prompt.shape[1]:]
-    prediction = tokenizer.decode(generated[0], skip_special_tokens=True).strip()
+    prediction = tokenizer.decode(generated[0], skip_special_tokens=True)
+    if cell.sample.strip_prediction:
+        prediction = prediction.strip()
     return {
         "context_tokens": prompt.shape[1],
         "prediction": prediction,
         "score": cell.task.score(prediction, cell.sample),
+        **memory_fields(cache, kv_bytes, full_kv_bytes, peak),
+        "decode_tokens": generated.shape[1] - 1,
+        **times,
+        **method_fields,
+    }
+
+
+def memory_fields(cache: CompressedCache, kv_bytes: int, full_kv_bytes: int, peak: PeakMemory) -> dict[str, Any]:
+    """What a row says about memory: bytes right after compression, before it, at the end, and the peak."""
+    return {
         "kv_bytes": kv_bytes,
         "full_kv_bytes": full_kv_bytes,
         "achieved_budget": kv_bytes / full_kv_bytes,
         "final_kv_bytes": cache.nbytes(),
         "peak_mem_bytes": peak.peak_bytes,
         "peak_mem_kind": peak.kind,
-        "decode_tokens": generated.shape[1] - 1,
+    }
+
+
+def evaluate_perplexity(model: Any, tokenizer: Any, cell: Cell, seed: int) -> dict[str, Any]:
+    """Compress the context (a long prefix of text), then score the question part (the next chunk) with the
+    compressed cache, teacher-forced in one forward: perplexity = exp(mean negative log-likelihood).
+
+    The chunk is never compressed, whatever the query mode, so both modes measure the same thing. Its first
+    token is predicted from the prefix's last logits, the others from the chunk's own forward.
+    """
+    device = model.device
+    sample = cell.sample
+    prefix = tokenizer(sample.context, return_tensors="pt").input_ids  # the tokenizer's own BOS convention
+    chunk = tokenizer(sample.question, add_special_tokens=False, return_tensors="pt").input_ids
+    prefix, chunk = prefix.to(device), chunk.to(device)
+    cache = CompressedCache(cell.spec.method, cell.budget, seed)
+    times: dict[str, float] = {"prefill_s": 0.0, "decode_s": 0.0}
+    with torch.inference_mode(), PeakMemory(device) as peak:
+        with timed(device, times, "prefill_s"), cell.spec.method.prefill_context(model, cell.budget), \
+                cache.compressing():
+            first = model(prefix, past_key_values=cache, logits_to_keep=1).logits[:, -1:]
+        kv_bytes, full_kv_bytes = cache.nbytes(), cache.full_nbytes()
+        method_fields = cell.spec.method.row_fields(model)
+        with timed(device, times, "decode_s"):
+            rest = model(chunk[:, :-1], past_key_values=cache).logits
+        logits = torch.cat([first, rest], dim=1).float()
+        nll = torch.nn.functional.cross_entropy(logits[0], chunk[0], reduction="mean").item()
+    return {
+        "context_tokens": prefix.shape[1],
+        "prediction": None,
+        "score": math.exp(nll),
+        "nll": nll,
+        "scored_tokens": chunk.shape[1],
+        **memory_fields(cache, kv_bytes, full_kv_bytes, peak),
+        "decode_tokens": chunk.shape[1],
         **times,
+        **method_fields,
     }
 
 
@@ -142,10 +201,10 @@ def run_metadata(config: RunConfig) -> dict[str, Any]:
     return {
         "run_id": config.run_id,
         "command": shlex.join(["python", "-m", "kvbench", *config.argv[1:]]),
-        "git_commit": _git_commit(),
-        "versions": {name: _version(name) for name in ("kvbench", "torch", "transformers")}
+        "git_commit": git_commit(),
+        "versions": {name: package_version(name) for name in ("kvbench", "torch", "transformers")}
         | {"python": platform.python_version()},
-        "device": _device_name(config.device),
+        "device": device_name(config.device),
         "seed": config.task_config.seed,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": config.model.name,
@@ -157,17 +216,18 @@ def run_metadata(config: RunConfig) -> dict[str, Any]:
         "tasks": [task.name for task in config.tasks],
         "query_modes": ["query-aware" if mode else "query-agnostic" for mode in config.query_modes],
         "task_config": {k: v for k, v in vars(config.task_config).items() if k != "seed"},
+        "task_info": {task.name: task().info(config.task_config) for task in config.tasks},
     }
 
 
-def _version(name: str) -> str:
+def package_version(name: str) -> str:
     try:
         return version(name)
     except Exception:  # noqa: BLE001 - a missing version is recorded, not fatal
         return "unknown"
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     source = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
@@ -179,7 +239,7 @@ def _git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def _device_name(device: str) -> str:
+def device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -204,24 +264,33 @@ def row_for(config: RunConfig, cell: Cell) -> dict[str, Any]:
         "method": cell.spec.canonical,
         "method_options": cell.spec.options,
         "budget": cell.budget,
-        "task": cell.task.name,
+        "task": cell.sample.task or cell.task.name,
         "sample_id": cell.sample.sample_id,
         "sample_meta": cell.sample.metadata,
         "query_aware": cell.query_aware,
-        "metric": cell.task.metric,
+        "metric": cell.sample.metric or cell.task.metric,
+        "higher_is_better": cell.task.higher_is_better,
         "seed": config.task_config.seed,
         "quality_meaningful": config.model.meaningful_quality,
     }
+
+
+def load_prepared(ref: ModelRef, device: str, dtype: torch.dtype, attn_implementation: str,
+                  methods: Sequence[MethodSpec]) -> tuple[Any, Any]:
+    """Load the model and let every method prepare for it (e.g. load or fit its calibration artifact)."""
+    print(f"kvbench: loading {ref.name} on {device} ({dtype})", flush=True)
+    model, tokenizer = load(ref, device, dtype, attn_implementation)
+    for spec in methods:
+        spec.method.prepare(model, tokenizer)
+    return model, tokenizer
 
 
 def run(config: RunConfig) -> Path:
     """Evaluate every cell not yet in the store; returns the run directory."""
     store = ResultsStore(config.run_dir)
     store.open(run_metadata(config))
-    print(f"kvbench: loading {config.model.name} on {config.device} ({config.dtype})", flush=True)
-    model, tokenizer = load(config.model, config.device, config.dtype, config.attn_implementation)
-    for spec in config.methods:
-        spec.method.prepare(model, tokenizer)
+    model, tokenizer = load_prepared(config.model, config.device, config.dtype, config.attn_implementation,
+                                     config.methods)
     tasks = [task_cls() for task_cls in config.tasks]
     samples = {task.name: task.samples(tokenizer, config.task_config) for task in tasks}
     cells = expand(config, tasks, samples)
@@ -234,7 +303,8 @@ def run(config: RunConfig) -> Path:
             progress.set_postfix_str(f"{cell.spec.canonical} @ {cell.budget:g} {cell.sample.sample_id}")
             row = row_for(config, cell)
             try:
-                row |= evaluate(model, tokenizer, cell, config.task_config.seed) | {"status": "ok", "error": None}
+                evaluator = evaluate_perplexity if cell.task.evaluation == "perplexity" else evaluate
+                row |= evaluator(model, tokenizer, cell, config.task_config.seed) | {"status": "ok", "error": None}
             except Exception as error:  # noqa: BLE001 - a failing cell is recorded and the sweep goes on
                 failures += 1
                 row |= {"status": "error", "error": f"{type(error).__name__}: {error}"}

@@ -1,5 +1,9 @@
 """Method spec strings: ``name[:opt=value,...]``, joined with ``+`` for compositions.
 
+A composition joins one dimension method and one token method in either order (``dynakv+snapkv`` or
+``snapkv+dynakv``); it is recorded dimension first. Its own option, ``tokens`` (the fraction of tokens
+kept), may follow either element: ``palu+snapkv:window=64,tokens=0.25``.
+
 On the command line a list of specs is comma-separated, and so are a spec's options. The
 two never clash: a comma-separated piece of the form ``key=value`` (no ``:`` and no ``+``)
 continues the options of the spec before it, anything else starts a new spec, e.g.
@@ -13,23 +17,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvbench.methods import Method
-from kvbench.registry import NotAvailableYet, RegistryError, method_class
+from kvbench.registry import RegistryError, method_class
 
 
 class SpecError(ValueError):
     """A malformed or invalid method spec; the message says which and what is valid."""
 
 
-class MethodUnavailable(SpecError):
-    """A valid spec naming a method that has not shipped yet."""
-
-
 @dataclass(frozen=True)
 class MethodSpec:
-    """A parsed, validated spec: one method (compositions arrive with the dimension methods)."""
+    """A parsed, validated spec: one method, or a composition with its two ``parts`` (dimension, token)."""
 
     method: Method
     explicit: tuple[tuple[str, Any], ...]
+    parts: tuple[MethodSpec, ...] = ()
 
     @property
     def name(self) -> str:
@@ -40,6 +41,11 @@ class MethodSpec:
         """The spec with only non-default options, sorted: the key results are stored under."""
         defaults = {f.name: f.default for f in dataclasses.fields(self.method)}
         changed = sorted((k, v) for k, v in self.explicit if defaults.get(k) != v)
+        if self.parts:
+            dimension, token = self.parts
+            token_options = token.canonical.partition(":")[2]
+            options = ",".join(filter(None, [token_options, *(f"{k}={v}" for k, v in changed)]))
+            return f"{dimension.canonical}+{token.name}" + (f":{options}" if options else "")
         return self.name + (":" + ",".join(f"{k}={v}" for k, v in changed) if changed else "")
 
     @property
@@ -78,21 +84,57 @@ def _convert(value: str, field: dataclasses.Field, method: str) -> Any:
     return value
 
 
-def parse_spec(text: str) -> MethodSpec:
+def parse_spec(text: str, calibration_data: str | None = None) -> MethodSpec:
+    """Parse one spec; ``calibration_data`` (``--calibration-data``) becomes the ``data`` option of every
+    dimension method that does not set it."""
     parts = text.split("+")
-    if len(parts) > 1:
-        for part in parts:  # an unknown or planned element is the more useful message
-            _parse_single(part)
-        raise SpecError(f"composition {text!r}: compositions need a dimension method (dynakv, palu; issue #3)")
-    return _parse_single(text)
+    if len(parts) == 1:
+        return _parse_single(text, calibration_data)
+    return _parse_composition(text, parts, calibration_data)
 
 
-def _parse_single(text: str) -> MethodSpec:
+def _parse_composition(text: str, parts: list[str], calibration_data: str | None) -> MethodSpec:
+    from kvbench.methods.composition import Composition
+
+    composition_options: dict[str, Any] = {}
+    elements = []
+    for part in parts:
+        name, colon, option_text = part.strip().partition(":")
+        kept = []
+        for item in filter(None, (o.strip() for o in option_text.split(","))):
+            key, _, value = item.partition("=")
+            if key.strip() == "tokens":
+                try:
+                    composition_options["tokens"] = float(value)
+                except ValueError:
+                    raise SpecError(f"{text}: option tokens needs a float, got {value!r}") from None
+            else:
+                kept.append(item)
+        elements.append(_parse_single(name + (":" + ",".join(kept) if kept else ""), calibration_data))
+    families = sorted(e.method.family for e in elements)
+    if len(elements) != 2 or families != ["dimension", "token"]:
+        from kvbench.registry import methods
+
+        valid = {family: ", ".join(sorted(n for n, c in methods().items()
+                                          if c.family == family and getattr(c, "uniform", True)))
+                 for family in ("dimension", "token")}
+        raise SpecError(f"composition {text!r}: compositions need a dimension method ({valid['dimension']}) "
+                        f"and a token method ({valid['token']}), one of each")
+    dimension, token = sorted(elements, key=lambda e: e.method.family)
+    try:
+        method = Composition(dimension.method, token.method, **composition_options)
+    except ValueError as error:
+        raise SpecError(f"{text}: {error}") from None
+    return MethodSpec(method, tuple(sorted(composition_options.items())), (dimension, token))
+
+
+def _parse_single(text: str, calibration_data: str | None = None) -> MethodSpec:
     name, _, option_text = text.strip().partition(":")
+    if name == "kvpress":  # kvpress:<PressName>[:options]: the press name is part of the method name
+        press, _, option_text = option_text.partition(":")
+        name = f"kvpress:{press}"
     try:
         cls = method_class(name.strip())
-    except NotAvailableYet as error:
-        raise MethodUnavailable(str(error)) from None
     except RegistryError as error:
         raise SpecError(str(error)) from None
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -105,6 +147,8 @@ def _parse_single(text: str) -> MethodSpec:
             valid = ", ".join(sorted(fields)) or "none"
             raise SpecError(f"{name}: unknown option {key!r}; valid options: {valid}")
         explicit[key] = _convert(value, fields[key], name)
+    if calibration_data and "data" in fields and cls.family == "dimension":
+        explicit.setdefault("data", calibration_data)
     try:
         method = cls(**explicit)
     except ValueError as error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,7 +25,9 @@ class LayerInputs:
     ``keys``/``values`` are the layer's cached states, one entry per KV head (GQA layout,
     ``[batch, kv_heads, tokens, head_dim]``, keys after RoPE). ``queries`` are the
     post-RoPE queries of the forward pass that filled the cache (``[batch, heads, q_len,
-    head_dim]``), so query-based scores need no second projection.
+    head_dim]``), so query-based scores need no second projection; they belong to the last
+    ``q_len`` keys. ``seen_tokens`` is the logical length (tokens seen, which the budget is a
+    fraction of); None means every seen token is in ``keys`` (prefill).
     """
 
     keys: torch.Tensor
@@ -33,6 +36,11 @@ class LayerInputs:
     layer_idx: int
     scaling: float
     seed: int
+    seen_tokens: int | None = None
+
+    @property
+    def n_seen(self) -> int:
+        return self.keys.shape[2] if self.seen_tokens is None else self.seen_tokens
 
     @property
     def group_size(self) -> int:
@@ -59,6 +67,14 @@ class Method:
     def compress(self, layer: CompressedLayer, inputs: LayerInputs, budget: float) -> None:
         """Shrink one layer right after its prefill attention ran; the reference keeps everything."""
 
+    def prefill_context(self, model: torch.nn.Module, budget: float) -> AbstractContextManager:
+        """Entered around the compressing prefill forward (an external library's hooks, e.g. a kvpress press)."""
+        return nullcontext()
+
+    def row_fields(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Fields added to each result row after prefill. ``masked``: the method hid tokens without removing them."""
+        return {"masked": False}
+
 
 @dataclass
 class Full(Method):
@@ -71,9 +87,23 @@ class Full(Method):
 
 @dataclass
 class TokenMethod(Method):
-    """Eviction: keep ``floor(budget * tokens)`` tokens per KV head, the ones with the highest score."""
+    """Eviction: keep ``floor(budget * tokens)`` tokens per KV head, the ones with the highest score.
+
+    Decoding-phase compression (``decoding=true``): while tokens are generated, each layer is cut back to
+    ``floor(budget * tokens seen)`` tokens whenever it holds ``interval`` more than that, so it never holds
+    more than the budget plus ``interval`` tokens. Query-aware scores then see the queries of the tokens
+    added since the last compression (kept in ``layer.recent_queries``, counted in the cache's bytes).
+    """
 
     family: ClassVar[str] = "token"
+    uniform: ClassVar[bool] = True  # every layer and KV head keeps the same number of tokens
+
+    decoding: bool = False
+    interval: int = 16
+
+    def __post_init__(self) -> None:
+        if self.interval < 1:
+            raise ValueError("interval must be >= 1 (tokens generated between two decoding compressions)")
 
     def score(self, inputs: LayerInputs) -> torch.Tensor:
         """Return ``[batch, kv_heads, tokens]`` scores; higher means keep."""
@@ -84,14 +114,30 @@ class TokenMethod(Method):
         if indices is not None:
             layer.keep(indices)
 
+    def keep_count(self, inputs: LayerInputs, budget: float) -> int:
+        """Tokens to keep per KV head: ``floor(budget * tokens seen)``, at least one."""
+        return max(1, math.floor(budget * inputs.n_seen + 1e-9))
+
     def keep_indices(self, inputs: LayerInputs, budget: float) -> torch.Tensor | None:
         """Sorted token indices to keep per KV head, or None when every token fits the budget."""
         n_tokens = inputs.keys.shape[2]
-        n_keep = max(1, math.floor(budget * n_tokens + 1e-9))
+        n_keep = self.keep_count(inputs, budget)
         if n_keep >= n_tokens:
             return None
         scores = self.score(inputs)
         return scores.topk(n_keep, dim=-1).indices.sort(dim=-1).values
+
+    def decode_step(self, layer: CompressedLayer, queries: torch.Tensor, layer_idx: int, scaling: float,
+                    budget: float, seed: int) -> None:
+        """Called after each attention once the prompt is compressed (only with ``decoding=true``)."""
+        if self.uses_queries:  # query-agnostic scores need no buffer
+            recent = layer.recent_queries
+            queries = layer.recent_queries = queries if recent is None else torch.cat([recent, queries], dim=2)
+        inputs = LayerInputs(layer.keys, layer.values, queries, layer_idx, scaling, seed, layer.seen_tokens)
+        if layer.tokens_per_head() - self.keep_count(inputs, budget) < self.interval:
+            return
+        layer.recent_queries = None
+        self.compress(layer, inputs, budget)
 
 
 def recency(n_tokens: int, device: torch.device) -> torch.Tensor:

@@ -31,6 +31,7 @@ class SnapKV(TokenMethod):
     pooling: str = "max"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError("snapkv needs window >= 1 and an odd kernel >= 1")
         if self.pooling not in ("max", "avg"):

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from kvbench import registry
-from kvbench.spec import MethodUnavailable, SpecError, parse_spec, split_spec_list
+from kvbench.spec import SpecError, parse_spec, split_spec_list
 
 
 def test_list_separator_and_option_separator_do_not_clash():
@@ -25,14 +25,14 @@ def test_options_are_typed_and_canonical_drops_defaults():
     assert spec.method.kernel == 5 and spec.method.window == 32
     assert spec.canonical == "snapkv:kernel=5"
     assert parse_spec("snapkv:window=32").canonical == "snapkv"
-    assert spec.options == {"window": 32, "kernel": 5, "pooling": "max"}
+    assert spec.options == {"window": 32, "kernel": 5, "pooling": "max", "decoding": False, "interval": 16}
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("snapk", "unknown method 'snapk'; valid methods: full, knorm, random, snapkv, streamingllm"),
-        ("snapkv:windo=3", "unknown option 'windo'; valid options: kernel, pooling, window"),
+        ("snapk", "unknown method 'snapk'; valid methods: adakv, .*full, h2o, keydiff, knorm, .*snapkv, streamingllm"),
+        ("snapkv:windo=3", "unknown option 'windo'; valid options: decoding, interval, kernel, pooling, window"),
         ("snapkv:window=abc", "option window needs a int"),
         ("snapkv:kernel=4", "odd kernel"),
         ("snapkv:window", "must be key=value"),
@@ -42,13 +42,6 @@ def test_options_are_typed_and_canonical_drops_defaults():
 def test_bad_specs_say_what_is_valid(text, message):
     with pytest.raises(SpecError, match=message.replace("(", r"\(").replace("+", r"\+")):
         parse_spec(text)
-
-
-def test_planned_methods_are_named_as_not_available_yet():
-    with pytest.raises(MethodUnavailable, match="issue #3"):
-        parse_spec("dynakv")
-    with pytest.raises(MethodUnavailable, match="issue #3"):
-        parse_spec("dynakv+snapkv")
 
 
 def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):

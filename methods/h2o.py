@@ -1,0 +1,97 @@
+"""H2O (Zhang et al., 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large
+Language Models", arXiv 2306.14048).
+
+Keep the heavy hitters, the tokens with the largest attention accumulated over all queries, plus
+the most recent tokens. The paper splits the cache evenly between the two (``recent_ratio`` 0.5,
+e.g. 10 % heavy + 10 % recent for a 20 % cache). With GQA the attention of the query heads that
+share a KV head is summed, so there is one selection per KV head.
+
+Prefill: every prompt query's softmax attention is accumulated, ``chunk`` queries at a time, so
+the ``tokens x tokens`` attention matrix never exists at once (memory ``chunk x tokens`` per head).
+Decoding (``decoding=true``, the paper's own setting with ``interval=1``): the running sums stay on
+the layer (``layer.scores``, counted in its bytes, so the layer keeps a few tokens fewer to stay
+within the budget in bytes), each new query's attention is added to them, and the lowest-scoring
+tokens outside the recent window are evicted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvbench.layers import CompressedLayer
+from kvbench.methods.base import LayerInputs, TokenMethod, recency
+
+
+@dataclass
+class H2O(TokenMethod):
+    name: ClassVar[str] = "h2o"
+    summary: ClassVar[str] = "accumulated attention (heavy hitters) + recent window, chunked (Zhang et al. 2023)"
+    uses_queries: ClassVar[bool] = True
+
+    recent_ratio: float = 0.5
+    chunk: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.recent_ratio <= 1.0 or self.chunk < 1:
+            raise ValueError("h2o needs 0 <= recent_ratio <= 1 and chunk >= 1")
+
+    def score(self, inputs: LayerInputs) -> torch.Tensor:
+        """Attention accumulated over ``inputs.queries`` (the last ``q_len`` keys' queries), per KV head."""
+        keys = inputs.keys.float()
+        batch, kv_heads, n_tokens, head_dim = keys.shape
+        q_len = inputs.queries.shape[2]
+        queries = inputs.queries.float().reshape(batch, kv_heads, inputs.group_size, q_len, head_dim)
+        offset = n_tokens - q_len  # absolute index of the first query
+        total = keys.new_zeros(batch, kv_heads, n_tokens)
+        for start in range(0, q_len, self.chunk):
+            end = min(start + self.chunk, q_len)
+            visible = offset + end  # the chunk's last query sees keys [0, visible)
+            logits = torch.einsum("bhgqd,bhtd->bhgqt", queries[:, :, :, start:end], keys[:, :, :visible])
+            future = torch.arange(visible, device=keys.device) > torch.arange(offset + start, visible,
+                                                                               device=keys.device)[:, None]
+            weights = (logits * inputs.scaling).masked_fill(future, float("-inf")).softmax(dim=-1)
+            total[..., :visible] += weights.sum(dim=(2, 3))
+        return total
+
+    def keep_count(self, inputs: LayerInputs, budget: float) -> int:
+        if not self.decoding:
+            return super().keep_count(inputs, budget)
+        per_token = inputs.keys.shape[-1] * inputs.keys.element_size() + inputs.values.shape[-1] * \
+            inputs.values.element_size()
+        share = per_token / (per_token + 4)  # the running sum is one float32 per token and head
+        return max(1, math.floor(budget * inputs.n_seen * share + 1e-9))
+
+    def _select(self, scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+        """Sorted indices: the ``recent_ratio`` share of ``n_keep`` most recent tokens, then the heaviest."""
+        n_recent = math.floor(n_keep * self.recent_ratio + 1e-9)
+        if n_recent:
+            scores = scores.clone()
+            scores[..., -n_recent:] = scores.max() + 1 + recency(n_recent, scores.device)
+        return scores.topk(n_keep, dim=-1).indices.sort(dim=-1).values
+
+    def keep_indices(self, inputs: LayerInputs, budget: float) -> torch.Tensor | None:
+        n_keep = self.keep_count(inputs, budget)
+        if n_keep >= inputs.keys.shape[2]:
+            return None
+        return self._select(self.score(inputs), n_keep)
+
+    def compress(self, layer: CompressedLayer, inputs: LayerInputs, budget: float) -> None:
+        scores = self.score(inputs)
+        if self.decoding:
+            layer.scores = scores  # the running sums decoding adds to
+        n_keep = self.keep_count(inputs, budget)
+        if n_keep < inputs.keys.shape[2]:
+            layer.keep(self._select(scores, n_keep))
+
+    def decode_step(self, layer: CompressedLayer, queries: torch.Tensor, layer_idx: int, scaling: float,
+                    budget: float, seed: int) -> None:
+        inputs = LayerInputs(layer.keys, layer.values, queries, layer_idx, scaling, seed, layer.seen_tokens)
+        layer.scores = layer.scores + self.score(inputs)
+        n_keep = self.keep_count(inputs, budget)
+        if layer.held_tokens() - n_keep >= self.interval:
+            layer.keep(self._select(layer.scores, n_keep))
