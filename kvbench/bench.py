@@ -13,7 +13,6 @@ flushed as they are measured, and ``python -m kvbench report`` renders them.
 
 from __future__ import annotations
 
-import contextvars
 import platform
 import shlex
 import sys
@@ -75,17 +74,8 @@ def measure(model: Any, spec: MethodSpec, budget: float, prompt: torch.Tensor, d
             seed: int) -> dict[str, Any]:
     """One prefill (with compression) and ``decode_tokens`` greedy steps; times and memory measured.
 
-    It runs in a fresh ``contextvars.Context``: whatever a forward leaves in a context variable (the
-    attention path keeps the last updated layer there) is dropped with it, so no cache outlives its
-    measurement and inflates the next one's memory baseline.
-    """
-    return contextvars.copy_context().run(_measure, model, spec, budget, prompt, decode_tokens, seed)
-
-
-def _measure(model: Any, spec: MethodSpec, budget: float, prompt: torch.Tensor, decode_tokens: int,
-             seed: int) -> dict[str, Any]:
-    """The measurement itself. Peak memory is taken twice. ``prefill_peak_mem_bytes``: the peak
-    during prefill over the memory held before the prompt. ``decode_peak_mem_bytes``: the peak while
+    Peak memory is taken twice. ``prefill_peak_mem_bytes``: the peak during prefill over the memory held
+    before the prompt. ``decode_peak_mem_bytes``: the peak while
     decoding over the same start, so it includes the cache; it works because the inner ``PeakMemory``
     of decoding resets the peak counter (CUDA peak stats or Linux VmHWM) and the outer one then reads
     the peak since that reset.
