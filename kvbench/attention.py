@@ -12,19 +12,23 @@ method with decoding-phase compression gets each layer's new queries (``decode_s
 
 from __future__ import annotations
 
-import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from typing import TYPE_CHECKING
 
-from kvbench.cache import ACTIVE_CACHE
-from kvbench.layers import LAST_UPDATE
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_BASES = ("sdpa",)
 
 
 def register(base: str) -> str:
     """Register ``kvbench_<base>`` (idempotent) and return its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from kvbench.cache import ACTIVE_CACHE
+    from kvbench.layers import LAST_UPDATE
+
     if base not in SUPPORTED_BASES:
         raise ValueError(f"attention implementation {base!r} is not supported; valid: {', '.join(SUPPORTED_BASES)}")
     name = f"kvbench_{base}"
@@ -40,12 +44,10 @@ def register(base: str) -> str:
         output = ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, *args, **kwargs)
         scaling = kwargs.get("scaling") or module.scaling
         cache = ACTIVE_CACHE.get()
+        owner = layer.owner() if layer is not None and layer.owner is not None else None
         if cache is not None:
             cache.after_attention(module.layer_idx, query, scaling)
-            if layer is not None:
-                layer.owner = cache
-        elif layer is not None and layer.owner is not None and layer.full_nbytes is not None:
-            owner = layer.owner
+        elif owner is not None and layer.full_nbytes is not None:
             decode_step = getattr(owner.method, "decode_step", None)
             if decode_step is not None and getattr(owner.method, "decoding", False):
                 decode_step(layer, query, module.layer_idx, scaling, owner.budget, owner.seed)

@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kvbench.cache import CompressedCache
 from kvbench.measure import PeakMemory, timed
 from kvbench.models import ModelRef
+from kvbench.prefill import cache_arguments, prefill
+from kvbench.provenance import device_name, git_commit, package_version
 from kvbench.results import ResultsStore
-from kvbench.runner import budgets_for, device_name, git_commit, load_prepared, package_version
+from kvbench.runner import budgets_for, load_prepared
 from kvbench.spec import MethodSpec
 
 KIND = "bench"
@@ -82,29 +83,29 @@ def measure(model: Any, spec: MethodSpec, budget: float, prompt: torch.Tensor, d
     """
     device = model.device
     prompt = prompt.to(device)
-    cache = CompressedCache(spec.method, budget, seed)
     times: dict[str, float] = {}
     with torch.inference_mode(), PeakMemory(device) as decoding:
-        with PeakMemory(device) as prefill, timed(device, times, "prefill_s"), cache.compressing():
-            logits = model(prompt, past_key_values=cache, logits_to_keep=1).logits
-        kv_bytes, full_kv_bytes = cache.nbytes(), cache.full_nbytes()
-        token = logits[:, -1:].argmax(dim=-1)
+        with PeakMemory(device) as prefill_peak:
+            compressed = prefill(model, spec.method, budget, prompt, seed)
+        cache, times["prefill_s"] = compressed.cache, compressed.seconds
+        token = compressed.logits[:, -1:].argmax(dim=-1)
         with PeakMemory(device), timed(device, times, "decode_s"):
             for _ in range(decode_tokens):
-                logits = model(token, past_key_values=cache, logits_to_keep=1).logits
+                logits = model(token, **cache_arguments(model, cache), logits_to_keep=1).logits
                 token = logits[:, -1:].argmax(dim=-1)
     return {
         "context_tokens": prompt.shape[1],
-        "kv_bytes": kv_bytes,
-        "full_kv_bytes": full_kv_bytes,
-        "achieved_budget": kv_bytes / full_kv_bytes,
+        "kv_bytes": compressed.kv_bytes,
+        "full_kv_bytes": compressed.full_kv_bytes,
+        "achieved_budget": compressed.achieved_budget,
         "final_kv_bytes": cache.nbytes(),
-        "prefill_peak_mem_bytes": prefill.peak_bytes,
+        "prefill_peak_mem_bytes": prefill_peak.peak_bytes,
         "decode_peak_mem_bytes": decoding.peak_bytes,
-        "peak_mem_bytes": max(prefill.peak_bytes, decoding.peak_bytes),
+        "peak_mem_bytes": max(prefill_peak.peak_bytes, decoding.peak_bytes),
         "peak_mem_kind": decoding.kind,
         "decode_tokens": decode_tokens,
         **times,
+        **compressed.fields,
     }
 
 
@@ -135,8 +136,13 @@ def metadata(config: BenchConfig) -> dict[str, Any]:
 
 def run_bench(config: BenchConfig) -> Path:
     """Measure every (method, budget) at every length; returns the run directory."""
-    store = ResultsStore(config.run_dir)
-    store.open(metadata(config))
+    with ResultsStore(config.run_dir) as store:
+        store.open(metadata(config))
+        _measure_all(config, store)
+    return config.run_dir
+
+
+def _measure_all(config: BenchConfig, store: ResultsStore) -> None:
     model, tokenizer = load_prepared(config.model, config.device, config.dtype, config.attn_implementation,
                                      config.methods)
     configs = config.configs()
@@ -163,7 +169,6 @@ def run_bench(config: BenchConfig) -> Path:
                     if repeat >= 0 or row["status"] == "error":
                         store.append(row)
                     progress.update(1)
-    return config.run_dir
 
 
 def _row(config: BenchConfig, spec: MethodSpec, budget: float, length: int, repeat: int) -> dict[str, Any]:

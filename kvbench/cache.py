@@ -1,10 +1,10 @@
 """A KV cache that physically holds only what a method keeps.
 
-``CompressedCache`` is a transformers ``Cache``, so ``model.generate(past_key_values=cache)``
-works unchanged. Each layer keeps the GQA layout (one entry per KV head) and, after
+``CompressedCache`` is a transformers ``Cache``, so ``model.generate(cache=cache)`` (``past_key_values=`` on
+transformers before 5.2x) works unchanged. Each layer keeps the GQA layout (one entry per KV head) and, after
 compression, holds smaller tensors: evicted tokens are gathered out, never masked.
 
-The storage of each layer is the method's ``layer_class`` (see ``kvbench.layers``); what to keep
+The storage of each layer is the method's ``layer_class()`` (see ``kvbench.layers``); what to keep
 is the method's ``compress`` hook, so the cache itself knows no method family.
 
 Compression happens during the prefill forward, layer by layer, right after the layer's
@@ -14,6 +14,7 @@ and the full cache of the whole model never exists at once.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -34,7 +35,7 @@ class CompressedCache(Cache):
     """
 
     def __init__(self, method: Method, budget: float = 1.0, seed: int = 0) -> None:
-        super().__init__(layer_class_to_replicate=method.layer_class)
+        super().__init__(layer_class_to_replicate=method.layer_class())
         self.method = method
         self.budget = budget
         self.seed = seed
@@ -62,6 +63,7 @@ class CompressedCache(Cache):
         layer = self.layers[layer_idx]
         if not self._armed or layer.full_nbytes is not None:
             return
+        layer.owner = weakref.ref(self)  # a weak reference: a finished cell's cache is freed at once
         layer.full_nbytes = layer.nbytes()
         inputs = LayerInputs(layer.keys, layer.values, queries, layer_idx, scaling, self.seed)
         self.method.compress(layer, inputs, self.budget)

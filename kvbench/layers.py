@@ -18,8 +18,8 @@ about to see (``LAST_UPDATE``), so the attention function can find the layer wit
 
 from __future__ import annotations
 
+import weakref
 from contextvars import ContextVar
-from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -52,7 +52,7 @@ class CompressedLayer(DynamicLayer):
         self.full_nbytes: int | None = None  # bytes the layer held before compression, measured
         self.scores: torch.Tensor | None = None
         self.recent_queries: torch.Tensor | None = None
-        self.owner: Any = None  # the cache whose method compresses this layer while decoding
+        self.owner: weakref.ref | None = None  # the cache whose method compresses this layer while decoding
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)

@@ -15,11 +15,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from kvbench.attention import register
+if TYPE_CHECKING:
+    import torch
 
 
 class ModelUnavailable(RuntimeError):
@@ -170,21 +169,23 @@ def _hub_config(repo_id: str) -> Path:
         ) from None
 
 
-def _default_dtype(device: str) -> torch.dtype:
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def parse_dtype(text: str, device: str) -> torch.dtype:
+    """``auto`` is bfloat16 on GPU and float32 on CPU."""
     if text == "auto":
-        return _default_dtype(device)
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if text not in dtypes:
-        raise ValueError(f"unknown dtype {text!r}; valid: auto, {', '.join(dtypes)}")
-    return dtypes[text]
+        text = "bfloat16" if device.startswith("cuda") else "float32"
+    if text not in DTYPES:
+        raise ValueError(f"unknown dtype {text[:40]!r}; valid: auto, {', '.join(DTYPES)}")
+    import torch
+
+    return getattr(torch, text)
 
 
 def load(ref: ModelRef, device: str, dtype: torch.dtype, attn_implementation: str = "sdpa"):
     """Load model and tokenizer, with kvbench's attention (which lets the cache compress) enabled."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if ref.kind == "random":
@@ -204,6 +205,8 @@ def load(ref: ModelRef, device: str, dtype: torch.dtype, attn_implementation: st
 
 def enable_compression(model: torch.nn.Module, attn_implementation: str = "sdpa") -> None:
     """Switch the model to kvbench's attention function, which calls the cache's compression hook."""
+    from kvbench.attention import register
+
     model.set_attn_implementation(register(attn_implementation))
 
 
@@ -237,6 +240,7 @@ def _assemble(model: EmbeddedModel, scratch: Path) -> Path:
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"kvbench: converting {gguf.name} once (cached under {cache_dir()})", flush=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvbench.methods import Method
-from kvbench.registry import RegistryError, method_class
+from kvbench.registry import METHODS, RegistryError, method_class
 
 
 class SpecError(ValueError):
@@ -130,9 +130,9 @@ def _parse_composition(text: str, parts: list[str], calibration_data: str | None
 
 def _parse_single(text: str, calibration_data: str | None = None) -> MethodSpec:
     name, _, option_text = text.strip().partition(":")
-    if name == "kvpress":  # kvpress:<PressName>[:options]: the press name is part of the method name
-        press, _, option_text = option_text.partition(":")
-        name = f"kvpress:{press}"
+    if name in METHODS.prefixes():  # e.g. kvpress:<PressName>[:options]: the part after the prefix names the method
+        member, _, option_text = option_text.partition(":")
+        name = f"{name}:{member}"
     try:
         cls = method_class(name.strip())
     except RegistryError as error:

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from kvbench.layers import CompressedLayer, PerHeadLayer
 from kvbench.methods.base import LayerInputs
 from kvbench.methods.snapkv import SnapKV
+
+if TYPE_CHECKING:
+    from kvbench.layers import PerHeadLayer
 
 
 @dataclass
@@ -30,7 +32,7 @@ class AdaKV(SnapKV):
     name: ClassVar[str] = "adakv"
     summary: ClassVar[str] = "SnapKV scores pooled across the KV heads of a layer, alpha 0.2 floor (Feng et al. 2024)"
     uniform: ClassVar[bool] = False
-    layer_class: ClassVar[type[CompressedLayer]] = PerHeadLayer
+    layout: ClassVar[str] = "kvbench.layers:PerHeadLayer"
 
     alpha: float = 0.2
 
@@ -39,9 +41,7 @@ class AdaKV(SnapKV):
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError("adakv needs 0 <= alpha <= 1")
 
-    def compress(self, layer: CompressedLayer, inputs: LayerInputs, budget: float) -> None:
-        if not isinstance(layer, PerHeadLayer):
-            raise TypeError("adakv stores per-head lengths: its cache layers must be PerHeadLayer")
+    def compress(self, layer: PerHeadLayer, inputs: LayerInputs, budget: float) -> None:
         n_keep = self.keep_count(inputs, budget)
         kv_heads = (layer.lengths.shape if layer.packed else layer.keys.shape[:2])[1]
         group = inputs.group_size if not layer.packed else inputs.queries.shape[1] // kv_heads

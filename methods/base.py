@@ -11,11 +11,14 @@ import dataclasses
 import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from kvbench.layers import CompressedLayer
+from kvbench.registry import load_object
+
+if TYPE_CHECKING:
+    from kvbench.layers import CompressedLayer
 
 
 @dataclass(frozen=True)
@@ -55,14 +58,23 @@ class Method:
     family: ClassVar[str]  # "reference" | "token" | "dimension"
     summary: ClassVar[str]
     uses_queries: ClassVar[bool] = False  # whether scores depend on the prompt's queries (query-aware)
-    layer_class: ClassVar[type[CompressedLayer]] = CompressedLayer  # how a layer stores what is kept
+    # How a cache layer stores what is kept ("module:Class" of a kvbench.layers.CompressedLayer subclass), imported
+    # only when a cache is built, so that naming a method on the command line stays cheap.
+    layout: ClassVar[str] = "kvbench.layers:CompressedLayer"
 
     @classmethod
     def options(cls) -> dict[str, dataclasses.Field]:
         return {f.name: f for f in dataclasses.fields(cls)}
 
+    def layer_class(self) -> type[CompressedLayer]:
+        return load_object(self.layout)
+
     def prepare(self, model: torch.nn.Module, tokenizer: Any) -> None:
-        """Called once per loaded model before any cell runs (e.g. load or fit a calibration artifact)."""
+        """Called once per loaded model before any cell runs (e.g. load or fit a calibration artifact).
+
+        Call it through ``kvbench.prefill.prepare``, which records that it ran: ``kvbench.prefill.prefill``
+        refuses a method that was not prepared for the model it runs on.
+        """
 
     def compress(self, layer: CompressedLayer, inputs: LayerInputs, budget: float) -> None:
         """Shrink one layer right after its prefill attention ran; the reference keeps everything."""

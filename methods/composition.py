@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from kvbench.layers import CompressedLayer
 from kvbench.methods.base import LayerInputs, Method, TokenMethod
-from kvbench.methods.lowrank import LowRankMethod
+from kvbench.methods.lowrank.method import LowRankMethod
+
+if TYPE_CHECKING:
+    from kvbench.layers import CompressedLayer
 
 
 def default_token_fraction(budget: float) -> float:
@@ -51,7 +53,7 @@ class Composition(Method):
             raise ValueError("decoding-phase eviction is not supported inside a composition")
         # Instance attributes the cache and the runner read from a method.
         self.name = f"{self.dimension.name}+{self.token.name}"
-        self.layer_class = self.dimension.layer_class
+        self.layout = self.dimension.layout
         self.uses_queries = self.token.uses_queries
 
     def prepare(self, model: torch.nn.Module, tokenizer: Any) -> None:

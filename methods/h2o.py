@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from kvbench.layers import CompressedLayer
 from kvbench.methods.base import LayerInputs, TokenMethod, recency
+
+if TYPE_CHECKING:
+    from kvbench.layers import CompressedLayer
 
 
 @dataclass

@@ -15,15 +15,17 @@ held tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from kvbench.calibration import group_slices
-from kvbench.layers import CompressedLayer
-from kvbench.lowrank import LatentLayer, allocate_ranks, latent_capacity
 from kvbench.methods.base import LayerInputs
-from kvbench.methods.lowrank import LowRankMethod
+from kvbench.methods.lowrank.allocation import allocate_ranks, latent_capacity, uniform_ranks
+from kvbench.methods.lowrank.method import LowRankMethod
+from kvbench.methods.lowrank.statistics import group_slices
+
+if TYPE_CHECKING:
+    from kvbench.methods.lowrank.codec import LatentLayer
 
 
 @dataclass
@@ -45,6 +47,10 @@ class Palu(LowRankMethod):
             raise ValueError("palu allocation must be 'greedy' or 'uniform'")
         self._ranks: dict[tuple[float, int], list[tuple[int, int]]] = {}
 
+    def prepare(self, model: torch.nn.Module, tokenizer: Any, force: bool = False) -> None:
+        super().prepare(model, tokenizer, force=force)
+        self._ranks = {}  # allocations belong to the model whose statistics they came from
+
     def ranks(self, budget: float, element_size: int) -> list[tuple[int, int]]:
         """Per-group (key rank, value rank) of every layer for a budget (fraction of full bytes)."""
         stats = self._require_stats()
@@ -65,28 +71,9 @@ class Palu(LowRankMethod):
             self._ranks[key] = [(flat[2 * i], flat[2 * i + 1]) for i in range(layers)]
         return self._ranks[key]
 
-    def compress_kept(self, layer: CompressedLayer, inputs: LayerInputs, budget: float,
+    def compress_kept(self, layer: LatentLayer, inputs: LayerInputs, budget: float,
                       positions: torch.Tensor | None) -> None:
-        if not isinstance(layer, LatentLayer):
-            raise TypeError("palu needs the cache's layers to be LatentLayer")
         key_rank, value_rank = self.ranks(budget, layer.keys.element_size())[inputs.layer_idx]
         codec = self.codec(inputs.layer_idx, self.group_size, key_rank, value_rank, layer.keys.device,
                            layer.keys.dtype)
         layer.to_latent(codec, positions)
-
-
-def uniform_ranks(matrices: int, groups: int, group_dim: int, capacity: int, multiple: int) -> list[int]:
-    """The same rank (a multiple of ``multiple``) for every matrix; what is left goes, one ``multiple`` each, to the
-    first matrices, so the budget is used up to less than one step."""
-    step = multiple * groups
-    base = min(group_dim, capacity // (matrices * step) * multiple)
-    if base < 1:
-        raise ValueError("the budget is too small for the smallest rank of every layer")
-    ranks = [base] * matrices
-    left = capacity - base * groups * matrices
-    for i in range(matrices):
-        if left < step or ranks[i] + multiple > group_dim:
-            break
-        ranks[i] += multiple
-        left -= step
-    return ranks

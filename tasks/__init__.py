@@ -1,11 +1,8 @@
-"""Built-in tasks, one module per task family."""
+"""Built-in tasks, one module per task family; ``kvbench.registry`` names them.
+
+Nothing is imported here but the base classes, so that naming a task loads only that task's module.
+"""
 
 from kvbench.tasks.base import DataUnavailable, Sample, Task, TaskConfig
-from kvbench.tasks.longbench import LongBench
-from kvbench.tasks.niah import NeedleInAHaystack
-from kvbench.tasks.perplexity import Perplexity
-from kvbench.tasks.ruler import Ruler
 
-BUILTIN_TASKS: tuple[type[Task], ...] = (NeedleInAHaystack, LongBench, Ruler, Perplexity)
-
-__all__ = ["BUILTIN_TASKS", "DataUnavailable", "Sample", "Task", "TaskConfig"]
+__all__ = ["DataUnavailable", "Sample", "Task", "TaskConfig"]

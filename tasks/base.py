@@ -64,6 +64,11 @@ class Task(ABC):
     evaluation: ClassVar[str] = "generate"
     # Subtask names accepted after "name:" on the command line; empty if the task has none.
     subtask_names: ClassVar[tuple[str, ...]] = ()
+    # Bumped whenever the samples a config yields change (prompts, data, scoring): rows of another version are
+    # not comparable, so a resume refuses to mix them.
+    version: ClassVar[str] = "1"
+    # The TaskConfig fields that shape this task's samples, shown with the grid (e.g. NIAH: lengths, depths).
+    grid_options: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     @abstractmethod

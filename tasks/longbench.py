@@ -236,6 +236,7 @@ class LongBench(Task):
     """LongBench v1 (16 English tasks by default; Chinese and LongBench-E on request), official protocol."""
 
     name: ClassVar[str] = "longbench"
+    grid_options: ClassVar[tuple[str, ...]] = ("max_samples", "max_prompt_tokens")
     summary: ClassVar[str] = (
         "LongBench v1 / LongBench-E with the official prompts, truncation and metrics "
         "(longbench:<task>,... picks tasks; groups en, zh, e, all)"

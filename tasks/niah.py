@@ -263,6 +263,7 @@ class NeedleInAHaystack(Task):
     """
 
     name: ClassVar[str] = "niah"
+    grid_options: ClassVar[tuple[str, ...]] = ("lengths", "depths", "max_samples")
     summary: ClassVar[str] = "Needle in a haystack: recall one invented fact hidden at a set depth in long essays."
     metric: ClassVar[str] = "needle_recall"
     data_source: ClassVar[str] = (

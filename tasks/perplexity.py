@@ -41,6 +41,7 @@ class Perplexity(Task):
     """Perplexity of the 512 tokens that follow a compressed prefix of --lengths tokens."""
 
     name: ClassVar[str] = "perplexity"
+    grid_options: ClassVar[tuple[str, ...]] = ("lengths", "max_samples")
     summary: ClassVar[str] = (
         f"perplexity of the next {CHUNK_TOKENS} tokens after a compressed prefix of --lengths tokens "
         "(lower is better; perplexity:essays or perplexity:wiki)"

@@ -394,6 +394,7 @@ class Ruler(Task):
     """RULER's 13 synthetic subtasks at the lengths of --lengths (tokens of this model, generation included)."""
 
     name: ClassVar[str] = "ruler"
+    grid_options: ClassVar[tuple[str, ...]] = ("lengths", "max_samples")
     summary: ClassVar[str] = (
         "RULER-style synthetic tasks: 8 NIAH variants, variable tracking, common/frequent words, QA on SQuAD and "
         "HotpotQA (ruler:<subtask>,... picks; group niah)"

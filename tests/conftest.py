@@ -1,26 +1,11 @@
-"""Tiny random models built in-process (Llama and Qwen2 style, with GQA): no downloads."""
+"""Shared fixtures: tiny random models built in-process (Llama and Qwen2 style, with GQA), never downloaded."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from kvbench.models import enable_compression
-
-VOCAB = 256
-
-
-def tiny_model(kind: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    shared = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  max_position_embeddings=2048)
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **shared))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(num_attention_heads=6, num_key_value_heads=2, **shared))
-    enable_compression(model)
-    return model.eval()
+from kvbench.testing import random_prompt, tiny_model
 
 
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
@@ -35,4 +20,4 @@ def llama() -> torch.nn.Module:
 
 @pytest.fixture
 def prompt() -> torch.Tensor:
-    return torch.randint(0, VOCAB, (1, 96), generator=torch.Generator().manual_seed(1))
+    return random_prompt(96, seed=1)

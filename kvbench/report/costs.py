@@ -1,0 +1,100 @@
+"""The cost sections of the report, as blocks: measured memory and speed of the quality run, and the
+``python -m kvbench bench`` measurements side by side with ``full``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+
+from kvbench.report import formatting as fmt
+from kvbench.report import plots
+from kvbench.report.render import Block, Figure, Heading, Table, Text, slug
+from kvbench.report.sections import FIGURE_PREFIX, method_label
+from kvbench.report.tables import ReportTables
+
+
+def _config_columns(configs: pd.DataFrame) -> tuple[list[str], Callable[[Any], list[str]]]:
+    several_models = configs["model"].nunique() > 1
+    several_modes = configs["mode"].nunique() > 1
+    header = [*(["model"] if several_models else []), "method", "budget", *(["query mode"] if several_modes else [])]
+
+    def key(c: Any) -> list[str]:
+        return [*([c.model] if several_models else []), method_label(c.method, bool(c.masked)), f"{c.budget:.3f}",
+                *([c.mode] if several_modes else [])]
+
+    return header, key
+
+
+def memory_section(tables: ReportTables) -> list[Block]:
+    configs = tables.configs
+    if "kv_bytes" not in configs or configs["kv_bytes"].isna().all():
+        return []
+    header, key = _config_columns(configs)
+    rows = [[*key(c), fmt.fixed(c.achieved_budget, 3), fmt.size(c.kv_bytes), fmt.ratio(c.kv_bytes_x),
+             fmt.size(c.full_kv_bytes), fmt.peak(c.peak_mem_bytes, c.peak_mem_kind), fmt.ratio(c.peak_mem_bytes_x),
+             fmt.kind(c.peak_mem_kind)] for c in configs.itertuples(index=False)]
+    return [Heading(2, "Memory"),
+            Text("KV bytes are measured from the cache's tensors right after prefill compression (mean over ok "
+                 "cells); × full is the ratio to the uncompressed cache of the same prompts. Peak memory is the "
+                 "largest per-cell peak, of the kind named in the last column (GPU: allocator peak over the "
+                 "cell's start; CPU: rise of the process's peak RSS over its RSS at the cell's start)."),
+            Table([*header, "achieved budget", "KV bytes", "× full", "full KV bytes", "peak memory", "× full",
+                   "peak kind"], rows, {*header, "peak kind"} - {"budget"})]
+
+
+def speed_section(tables: ReportTables) -> list[Block]:
+    configs = tables.configs
+    if "prefill_s" not in configs or configs["prefill_s"].isna().all():
+        return []
+    header, key = _config_columns(configs)
+    rows = [[*key(c), fmt.sig(c.prefill_s), fmt.ratio(c.prefill_s_x), fmt.sig(c.decode_tok_s),
+             fmt.ratio(c.decode_tok_s_x), f"{c.n_ok} / {c.n_error}"] for c in configs.itertuples(index=False)]
+    return [Heading(2, "Speed"),
+            Text("Prefill time includes compression (mean over ok cells); decode tokens/s is all decoded tokens "
+                 "over all decoding time. × full: prefill below 1 is faster, decode above 1 is faster. These are "
+                 "quality-run timings on short answers; `python -m kvbench bench` measures speed properly "
+                 "(warm-up, repeats, medians)."),
+            Table([*header, "prefill s", "× full", "decode tok/s", "× full", "ok / error"], rows,
+                  set(header) - {"budget"})]
+
+
+def bench_section(tables: ReportTables) -> list[Block]:
+    bench = tables.bench
+    if bench.empty:
+        return []
+    colours = plots.palette(list(bench["method"]))
+    kinds = ", ".join(sorted({k for ks in bench["peak_mem_kind"] for k in ks.split(", ") if k})) or fmt.MISSING
+    parts: list[Block] = [
+        Heading(2, "Speed and memory benchmark"),
+        Text("Measured side by side with `full` in one process, on the same prompt, after warm-up; each value is "
+             "the median over the repeats, and spread is (max − min) / median over them. Prefill includes "
+             f"compression. Peak memory ({kinds}) is over the memory held before the prompt, so it includes the "
+             "cache; the decoding peak is taken while tokens are generated."),
+    ]
+    several_models = bench["model"].nunique() > 1
+    header = ["context tokens", "method", "budget", "prefill s", "× full", "spread", "decode tok/s", "× full",
+              "spread", "KV held", "achieved budget", "peak decoding", "× full", "peak prefill", "× full", "repeats"]
+    for model, frame in bench.groupby("model", sort=False):
+        rows = [[f"{b.length:g}", method_label(b.method, bool(b.masked)), f"{b.budget:.3f}", fmt.sig(b.prefill_s),
+                 fmt.ratio(b.prefill_s_x), fmt.percent(b.prefill_spread), fmt.sig(b.decode_tok_s),
+                 fmt.ratio(b.decode_tok_s_x), fmt.percent(b.decode_spread), fmt.size(b.kv_bytes),
+                 fmt.fixed(b.achieved_budget, 3), fmt.peak(b.decode_peak_mem_bytes, b.peak_mem_kind),
+                 fmt.ratio(b.decode_peak_mem_bytes_x), fmt.peak(b.prefill_peak_mem_bytes, b.peak_mem_kind),
+                 fmt.ratio(b.prefill_peak_mem_bytes_x), f"{b.repeats}"] for b in frame.itertuples(index=False)]
+        if several_models:
+            parts.append(Heading(3, model))
+        plot_frame = frame.assign(kv_mib=frame["kv_bytes"] / 2**20,
+                                  decode_peak_mib=frame["decode_peak_mem_bytes"] / 2**20,
+                                  prefill_x=frame["prefill_s_x"], decode_x=frame["decode_tok_s_x"])
+        parts += [
+            Table(header, rows, {"method"}),
+            Figure(f"{FIGURE_PREFIX}bench-speed-{slug(model)}.png",
+                   plots.bench_speed(plot_frame, colours, f"{model}: speed relative to full"),
+                   "Prefill time and decode speed relative to full, by context length."),
+            Figure(f"{FIGURE_PREFIX}bench-memory-{slug(model)}.png",
+                   plots.bench_memory(plot_frame, colours, f"{model}: measured memory"),
+                   "Peak memory while decoding and KV bytes held, by budget."),
+        ]
+    return parts
