@@ -33,7 +33,9 @@ from kvbench.prefill import Prefill, cache_arguments, prefill, prepare
 VOCAB = 256  # byte-level, so ByteTokenizer's ids fit
 PROMPT_TOKENS = 96
 CALIBRATION_TOKENS = 384  # for dimension methods: tiny, so checks stay fast
-WORDS = ["river", "valley", "lighthouse", "keeper", "lamp", "clockwork", "weather", "library", "harbour", "market", "bridge", "garden", "orchard", "mill", "baker", "letter", "station", "morning", "evening", "winter", "summer", "music", "teacher", "village", "road"]  # noqa: SIM905
+WORDS = ("river", "valley", "lighthouse", "keeper", "lamp", "clockwork", "weather", "library", "harbour", "market",
+         "bridge", "garden", "orchard", "mill", "baker", "letter", "station", "morning", "evening", "winter", "summer",
+         "music", "teacher", "village", "road")
 
 
 class ByteTokenizer:
