@@ -38,11 +38,15 @@ def register(base: str) -> str:
         updated = LAST_UPDATE.get()
         layer = updated[0] if updated is not None and updated[1] is key else None
         LAST_UPDATE.set(None)  # a stale reference would keep the previous cell's whole cache alive
-        if layer is not None:
-            attention_mask = layer.attention_mask(query, key, attention_mask)
-        # Looked up per call, so that a wrapper installed later (kvpress's masking patch) applies.
-        output = ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, *args, **kwargs)
         scaling = kwargs.get("scaling") or module.scaling
+        custom = layer.attend(query, scaling, attention_mask) if layer is not None else None
+        if custom is not None:
+            output = (custom, None)
+        else:
+            if layer is not None:
+                attention_mask = layer.attention_mask(query, key, attention_mask)
+            # Looked up per call, so that a wrapper installed later (kvpress's masking patch) applies.
+            output = ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, *args, **kwargs)
         cache = ACTIVE_CACHE.get()
         owner = layer.owner() if layer is not None and layer.owner is not None else None
         if cache is not None:

@@ -57,6 +57,7 @@ class CompressedCache(Cache):
                 "the cache was not compressed: load the model with kvbench.models.enable_compression "
                 f"(layers not compressed: {missing or 'all'})"
             )
+        self.method.finish(self)
 
     def after_attention(self, layer_idx: int, queries: torch.Tensor, scaling: float) -> None:
         """Called by kvbench's attention function once a layer's attention has run."""

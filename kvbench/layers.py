@@ -91,6 +91,16 @@ class CompressedLayer(DynamicLayer):
             return None  # every held key is visible (one query), or plain causal prefill
         return causal_mask(q_len, kv_len, keys.device)[None, None]
 
+    def attend(self, query: torch.Tensor, scaling: float, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Attention output ``[batch, q_len, heads, head_dim]`` computed by the layer itself, or None for the
+        model's own kernel on what ``update`` returned.
+
+        A layout whose stored form is not plain keys and values (latents, groups of different widths) overrides it
+        to attend without rebuilding full-width K/V: e.g. scores in latent space and values projected once.
+        ``attention_mask`` is transformers' mask (None or boolean/additive ``[batch, 1, q_len, kv_len]``).
+        """
+        return None
+
     def crop(self, tokens_to_remove: int) -> None:
         held = self.held_tokens()
         super().crop(tokens_to_remove)

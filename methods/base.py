@@ -79,6 +79,13 @@ class Method:
     def compress(self, layer: CompressedLayer, inputs: LayerInputs, budget: float) -> None:
         """Shrink one layer right after its prefill attention ran; the reference keeps everything."""
 
+    def finish(self, cache: Any) -> None:
+        """Called once after the compressing forward, when every layer has been through ``compress``.
+
+        Methods that allocate one budget across layers (KVCompose's global allocation) score in ``compress`` and
+        evict here, from ``cache.layers``; ``cache.budget`` is the budget. The bytes are counted after this hook.
+        """
+
     def prefill_context(self, model: torch.nn.Module, budget: float) -> AbstractContextManager:
         """Entered around the compressing prefill forward (an external library's hooks, e.g. a kvpress press)."""
         return nullcontext()

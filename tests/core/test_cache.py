@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
 from transformers import GenerationConfig
 
 from kvbench.cache import CompressedCache
+from kvbench.layers import CompressedLayer, causal_mask
 from kvbench.methods import TokenMethod
 from kvbench.methods.base import Full
+from kvbench.methods.knorm import KNorm
 from kvbench.registry import METHODS
 from kvbench.testing import compress
 
@@ -101,3 +105,52 @@ def test_compression_without_kvbench_attention_is_refused(prompt):
     cache = CompressedCache(Full(), 1.0)
     with pytest.raises(RuntimeError, match="not compressed"), torch.inference_mode(), cache.compressing():
         plain(prompt, past_key_values=cache)
+
+
+class SelfAttendingLayer(CompressedLayer):
+    """Computes attention itself (after compression), as latent or grouped layouts do."""
+
+    calls = 0
+
+    def attend(self, query, scaling, attention_mask):
+        if self.full_nbytes is None:
+            return None  # the exact prefill runs the model's kernel
+        SelfAttendingLayer.calls += 1
+        keys = self.keys.repeat_interleave(query.shape[1] // self.keys.shape[1], dim=1)
+        values = self.values.repeat_interleave(query.shape[1] // self.keys.shape[1], dim=1)
+        mask = causal_mask(query.shape[2], keys.shape[2], keys.device)
+        out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
+        return out.transpose(1, 2).contiguous()
+
+
+@dataclass
+class SelfAttending(KNorm):
+    name: ClassVar[str] = "self-attending"
+    layout: ClassVar[str] = f"{__name__}:SelfAttendingLayer"
+
+
+def test_a_layer_that_attends_itself_decodes_exactly_like_the_kernel(llama, prompt):
+    reference, first = prefill(llama, prompt, KNorm(), 0.25)
+    own, own_first = prefill(llama, prompt, SelfAttending(), 0.25)
+    assert continue_generation(llama, prompt, own, own_first) == continue_generation(llama, prompt, reference, first)
+    assert SelfAttendingLayer.calls > 0
+
+
+class GlobalEviction(KNorm):
+    """Evicts after the whole forward (``finish``): every layer keeps layer 0's count, here half of it."""
+
+    name: ClassVar[str] = "global-eviction"
+
+    def compress(self, layer, inputs, budget):
+        layer.scores = self.score(inputs)
+
+    def finish(self, cache):
+        for layer in cache.layers:
+            keep = layer.scores.topk(layer.keys.shape[2] // 4, dim=-1).indices.sort(dim=-1).values
+            layer.scores = None
+            layer.keep(keep)
+
+
+def test_finish_runs_after_every_layer_and_before_the_bytes_are_counted(llama, prompt):
+    cache, _ = prefill(llama, prompt, GlobalEviction(), 0.25)
+    assert cache.held_tokens() == [24, 24, 24] and cache.nbytes() == cache.full_nbytes() // 4
