@@ -6,6 +6,11 @@ stale one is never used silently. Loading checks more than the metadata: the met
 must look like (``TensorSpec``: shape, dtype kind, finiteness), and an artifact that is unreadable, mismatched or
 malformed is refused with one line and rebuilt. Writes are atomic, so a killed calibration leaves nothing half
 written.
+
+Read-only folders of prebuilt artifacts are searched first, with the same layout below them
+(``calibration/<model>-<kind>-<settings-hash>/artifact.pt``) and the same checks: those named by
+``KVBENCH_ARTIFACT_PATH`` (``os.pathsep``-separated), then ``kvbench/shipped/`` inside the package (artifacts of
+the embedded models shipped as package data). A shipped artifact that fails a check is ignored with one line.
 """
 
 from __future__ import annotations
@@ -74,6 +79,12 @@ def artifact_path(model: torch.nn.Module, kind: str, settings: Mapping[str, Any]
     from kvbench.models import cache_dir
 
     return cache_dir() / "calibration" / f"{model_slug(model)}-{kind}-{settings_hash(settings)}" / "artifact.pt"
+
+
+def shipped_folders() -> list[Path]:
+    """Read-only folders searched before the user cache (module docstring)."""
+    extra = [Path(p) for p in os.environ.get("KVBENCH_ARTIFACT_PATH", "").split(os.pathsep) if p]
+    return [*extra, Path(__file__).parent / "shipped"]
 
 
 def kvbench_version() -> str:
@@ -146,6 +157,15 @@ def load_or_build(model: torch.nn.Module, kind: str, settings: Mapping[str, Any]
     path = artifact_path(model, kind, settings)
     expected = {"format": FORMAT, "kind": kind, "model_fingerprint": model_fingerprint(model),
                 "data_fingerprint": data_fingerprint, "settings": json.loads(json.dumps(settings, default=str))}
+    if not force:
+        from kvbench.models import cache_dir
+
+        for shipped in (folder / path.relative_to(cache_dir()) for folder in shipped_folders()):
+            if shipped.is_file():
+                try:
+                    return read_artifact(shipped, expected, specs), shipped
+                except ArtifactError as error:
+                    print(f"kvbench: {error}; ignoring it", flush=True)
     if path.is_file() and not force:
         try:
             return read_artifact(path, expected, specs), path

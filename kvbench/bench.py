@@ -9,17 +9,26 @@ Each repeat measures every (method, budget) once, in turn, after warm-up, so slo
 shared machine hit every method alike; the report takes medians over repeats. Rows go to
 ``results/<run-id>/results.jsonl`` with ``kind="bench"``, one per (method, budget, length, repeat),
 flushed as they are measured, and ``python -m kvbench report`` renders them.
+
+After each length, bench prints the medians and, for decoding, how close each method comes to the
+memory-bound limit: a decoding step reads the weights (``W`` bytes) and the cache, so shrinking the
+full cache (``KV`` bytes) to a fraction ``b`` can speed a step up by at most ``(W + KV) / (W + b KV)``.
+Presses of kvpress (``kvpress:<Press>``) run through the same prefill (their hooks are entered around
+the compressing forward), so kvbench's methods and kvpress's are timed side by side.
 """
 
 from __future__ import annotations
 
+import gc
 import platform
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import torch
@@ -109,6 +118,45 @@ def measure(model: Any, spec: MethodSpec, budget: float, prompt: torch.Tensor, d
     }
 
 
+def weights_nbytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights one decoding step reads: every parameter once (tied ones once), the input embedding
+    table only when it is also the output layer (otherwise a step reads one row of it)."""
+    seen: dict[int, int] = {}
+    for param in model.parameters():
+        seen[param.data_ptr()] = param.numel() * param.element_size()
+    embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+    if embedding is not None and (output is None or output.weight.data_ptr() != embedding.weight.data_ptr()):
+        seen.pop(embedding.weight.data_ptr(), None)
+    return sum(seen.values())
+
+
+def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Lines printed after a length: medians per (method, budget), ratios to full, and the bandwidth limit."""
+    from kvbench.report.tables import bandwidth_limit
+
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["status"] == "ok":
+            groups.setdefault((row["method"], row["budget"]), []).append(row)
+    if ("full", 1.0) not in groups:
+        return []
+    stats = {key: {"prefill": median([r["prefill_s"] for r in group]),
+                   "tok_s": median([r["decode_tokens"] / r["decode_s"] for r in group]),
+                   "sample": median([r["prefill_s"] + r["decode_s"] for r in group]),
+                   "budget": median([r["achieved_budget"] for r in group]), "row": group[0]}
+             for key, group in groups.items()}
+    full = stats["full", 1.0]
+    lines = [f"{'method':<40} {'budget':>6} {'prefill s':>9} {'x full':>6} {'decode tok/s':>12} {'x full':>6} "
+             f"{'limit':>5} {'of limit':>8} {'sample s':>8}"]
+    for (method, budget), values in stats.items():
+        speedup = values["tok_s"] / full["tok_s"]
+        limit = bandwidth_limit(values["row"]["weights_bytes"], values["row"]["full_kv_bytes"], values["budget"])
+        lines.append(f"{method[:40]:<40} {budget:>6.3f} {values['prefill']:>9.3g} "
+                     f"{values['prefill'] / full['prefill']:>6.2f} {values['tok_s']:>12.3g} {speedup:>6.2f} "
+                     f"{limit:>5.2f} {speedup / limit:>8.2f} {values['sample']:>8.3g}")
+    return lines
+
+
 def metadata(config: BenchConfig) -> dict[str, Any]:
     return {
         "run_id": config.run_id,
@@ -142,22 +190,37 @@ def run_bench(config: BenchConfig) -> Path:
     return config.run_dir
 
 
+@contextmanager
+def frozen_objects() -> Iterator[None]:
+    """Exempt every object alive now (the model, the libraries) from garbage collection until the block ends: peak
+    memory measurements collect garbage before each measurement, which otherwise rescans them every time (seconds
+    per measurement on CPU)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _measure_all(config: BenchConfig, store: ResultsStore) -> None:
     model, tokenizer = load_prepared(config.model, config.device, config.dtype, config.attn_implementation,
                                      config.methods)
     configs = config.configs()
+    weights = weights_nbytes(model)
     total = len(config.lengths) * len(configs) * (config.warmup + config.repeats)
-    with tqdm(total=total, unit="measurement", desc="kvbench bench", dynamic_ncols=True) as progress:
+    with frozen_objects(), tqdm(total=total, unit="measurement", desc="kvbench bench", dynamic_ncols=True) as progress:
         for length in config.lengths:
             prompt = random_prompt(model.config.vocab_size, tokenizer.all_special_ids, length, config.seed)
             failed: set[tuple[str, float]] = set()
+            measured: list[dict[str, Any]] = []
             for repeat in range(-config.warmup, config.repeats):  # negative repeats are warm-up, not stored
                 for spec, budget in configs:
                     progress.set_postfix_str(f"{length} tokens, {spec.canonical} @ {budget:g}")
                     if (spec.canonical, budget) in failed:
                         progress.update(1)
                         continue
-                    row = _row(config, spec, budget, length, repeat)
+                    row = _row(config, spec, budget, length, repeat) | {"weights_bytes": weights}
                     try:
                         row |= measure(model, spec, budget, prompt, config.decode_tokens, config.seed)
                         row |= {"status": "ok", "error": None}
@@ -168,7 +231,14 @@ def _measure_all(config: BenchConfig, store: ResultsStore) -> None:
                             torch.cuda.empty_cache()
                     if repeat >= 0 or row["status"] == "error":
                         store.append(row)
+                        measured.append(row)
                     progress.update(1)
+            lines = summary(measured)
+            if lines:
+                tqdm.write(f"kvbench bench: {length} tokens, medians of {config.repeats} repeat(s); decoding's "
+                           "bandwidth limit (W + KV) / (W + b KV)")
+                for line in lines:
+                    tqdm.write("  " + line)
 
 
 def _row(config: BenchConfig, spec: MethodSpec, budget: float, length: int, repeat: int) -> dict[str, Any]:

@@ -8,15 +8,17 @@ several commands share are defined once, in parent parsers. Importing this modul
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from kvbench import commands
-from kvbench.checks import UsageError
-from kvbench.models import DEFAULT_MODEL
+from kvbench.checks import UsageError, short
+from kvbench.models import DEFAULT_MODEL, DEVICE_MAPS
 from kvbench.registry import RegistryError
 
 DEFAULT_LENGTHS = "1000,2000,4000"
+EXECUTORS = ("serial", "ray")
 DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
 
 METHODS_HELP = """\
@@ -30,6 +32,8 @@ comma-separated tasks (default: niah). A task family takes a subtask list after 
 longbench:hotpotqa,trec,ruler:niah_single_1 runs two LongBench tasks and one RULER task (a
 comma-separated piece that is not a task name continues the subtasks of the family before it).
 longbench alone = its 16 English tasks; longbench:zh, longbench:e (LongBench-E), longbench:all.
+lm-eval:<task or group> runs an lm-eval task with its prompts and metrics (pip install
+'kvbench[lm-eval]'), e.g. lm-eval:arc_easy,hellaswag.
 'python -m kvbench list' shows every task and its subtasks."""
 
 
@@ -37,7 +41,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line instead of argparse's usage block
         command = self.prog.split()[-1]
         hint = "python -m kvbench --help" if command == "kvbench" else f"python -m kvbench {command} --help"
-        raise UsageError(f"{message} (see: {hint})")
+        message = _QUOTED.sub(lambda quoted: repr(short(quoted.group(1))), message)  # argparse quotes the values
+        raise UsageError(f"{short(message, 300)} (see: {hint})")
+
+
+_QUOTED = re.compile(r"'([^']{81,})'")
+LONGEST_MESSAGE = 1000  # the longest list of valid names is about 600 characters
+
+
+def _one_line(error: Exception) -> str:
+    """The message as one line of bounded length, whatever a check or plugin put in it."""
+    return short(str(error).strip(), LONGEST_MESSAGE)
 
 
 def _model_options() -> argparse.ArgumentParser:
@@ -75,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tasks", default="niah", help=TASKS_HELP)
     run.add_argument("--data-dir", default=None,
                      help="folder with task data files, e.g. LongBench's official <task>.jsonl files")
+    run.add_argument("--include-path", default=None, metavar="DIR",
+                     help="folder of lm-eval task YAMLs of your own, run as --tasks lm-eval:<task or group>")
     run.add_argument("--max-prompt-tokens", type=int, default=None,
                      help="truncate real documents (LongBench) in the middle to this many prompt tokens "
                           "(default: the model's context minus 500, LongBench's rule)")
@@ -95,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--calibration-data", default=None, metavar="FILE",
                      help="calibration text for dimension methods (.txt, or .jsonl with a 'text' field); "
                           "default: SQuAD articles no task uses")
+    scale = run.add_argument_group("scale-out (docs/scale-out.md)")
+    scale.add_argument("--shard", default=None, metavar="I/N",
+                       help="run part I of N of the grid (0 <= I < N) into results-I-of-N.jsonl; default: from "
+                            "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT and torchrun's RANK/WORLD_SIZE")
+    scale.add_argument("--executor", choices=EXECUTORS, default="serial",
+                       help="serial (this process) or ray (Ray actors evaluate, this process writes)")
+    scale.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="Ray cluster to use (default: RAY_ADDRESS, else a local one)")
+    scale.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="Ray actors (default: one per GPU of the cluster; on CPU, one)")
+    scale.add_argument("--device-map", choices=DEVICE_MAPS, default=None,
+                       help="spread the model over this machine's GPUs with accelerate (models larger than one GPU)")
 
     calibrate = subcommands.add_parser("calibrate", parents=[model],
                                        help="fit a method's calibration artifact (dimension methods)")
@@ -132,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except (UsageError, RegistryError) as error:
-        print(f"kvbench: error: {error}", file=sys.stderr)
+        print(f"kvbench: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kvbench: interrupted; finished cells are saved, rerun with the same --run-id to resume",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,8 +17,8 @@ def default_run_id(model_name: str, kind: str = "") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvbench.registry import TASKS
-    from kvbench.tasks import DataUnavailable, TaskConfig
+    """Checks that need no torch come first (bad input answers at once), then method specs, then the device."""
+    from kvbench.tasks import TaskConfig
 
     checks.run_id(args.run_id)
     checks.output_dir(args.results_dir, "--results-dir")
@@ -27,26 +28,37 @@ def run(args: argparse.Namespace) -> int:
     lengths = checks.ints(args.lengths, "--lengths")
     checks.at_least(args.max_samples, "--max-samples", 1)
     checks.at_least(args.max_prompt_tokens, "--max-prompt-tokens", 2)
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        raise UsageError(f"--data-dir {checks.short(args.data_dir)}: no such folder")
+    checks.seed(args.seed)
+    checks.data_dir(args.data_dir)
     selected = checks.tasks(args.tasks)
-    methods = checks.methods(args.methods, reference=not args.no_reference,
-                             calibration_data=checks.calibration_file(args.calibration_data))
     task_config = TaskConfig(tuple(lengths), tuple(depths), args.max_samples, args.seed,
                              subtasks={name: subs for name, subs in selected.items() if subs},
-                             data_dir=args.data_dir)
-    tasks = []
-    for name in selected:
-        task = TASKS.get(name)
+                             data_dir=args.data_dir, include_path=checks.include_path(args.include_path))
+    tasks = checks.task_configs(selected, task_config)
+    model = checks.model(args)
+    checks.context(model, lengths, tasks)
+    if args.run_id is not None:
+        checks.existing_run(args.results_dir / args.run_id)
+    methods = checks.methods(args.methods, reference=not args.no_reference,
+                             calibration_data=checks.calibration_file(args.calibration_data))
+    shard = checks.shard(args.shard)
+    if shard is not None and args.run_id is None:
+        raise UsageError(f"shard {shard} ({shard.source}): give every shard the same --run-id, so that they write "
+                         "one run")
+    checks.executor(args)
+    cluster_device = None
+    if args.executor == "ray":
+        from kvbench.executors.ray import cluster_device as ray_device
+
         try:
-            task.check_config(task_config)
-        except (DataUnavailable, ValueError) as error:
+            cluster_device = ray_device(args.device, args.ray_address)
+        except ValueError as error:
             raise UsageError(str(error)) from None
-        tasks.append(task)
-    device, dtype, model = checks.placement(args)
-    if model.max_context and max(lengths) > model.max_context:
-        raise UsageError(f"--lengths {max(lengths)} is longer than {model.name}'s context of {model.max_context} "
-                         "tokens")
+    else:
+        from kvbench.shards import local_device
+
+        args.device = local_device(args.device)
+    device, dtype, model = checks.placement(args, cluster_device, model)
 
     from kvbench.report import write_report
     from kvbench.runner import RunConfig
@@ -60,11 +72,22 @@ def run(args: argparse.Namespace) -> int:
             model.max_context - LONGBENCH_ANSWER_RESERVE if model.max_context else None)),
         query_modes=[mode for mode, on in ((True, args.query_aware), (False, args.query_agnostic)) if on] or [True],
         device=device, dtype=dtype, attn_implementation=args.attn_implementation, retry_errors=args.retry_errors,
+        device_map=args.device_map, shard=shard, executor=args.executor, workers=args.workers,
+        ray_address=args.ray_address,
     )
+    from kvbench.executors import ExecutorError
+
     try:
         run_dir = run_grid(config)
     except ValueError as error:  # an incompatible resume or a second writer is refused before the model loads
         raise UsageError(str(error)) from None
+    except ExecutorError as error:
+        print(f"kvbench: error: {error}", file=sys.stderr)
+        return 1
+    if shard is not None:  # the other shards may still be running: the report is made once, over all of them
+        print(f"kvbench: shard {shard} done, rows in {run_dir}; when every shard has finished: "
+              f"python -m kvbench report {run_dir}")
+        return 0
     report = write_report([run_dir], args.reports_dir / run_id)
     print(f"kvbench: results in {run_dir}; report in {report}")
     return 0
@@ -79,8 +102,8 @@ def bench(args: argparse.Namespace) -> int:
     checks.at_least(args.decode_tokens, "--decode-tokens", 1)
     checks.at_least(args.repeats, "--repeats", 1)
     checks.at_least(args.warmup, "--warmup", 0)
-    methods = checks.methods(args.methods, reference=True)
-    device, dtype, model = checks.placement(args)
+    checks.seed(args.seed)
+    model = checks.model(args)
     longest = max(lengths) + args.decode_tokens
     if model.max_context and longest > model.max_context:
         raise UsageError(f"--lengths {max(lengths)} plus --decode-tokens {args.decode_tokens} is longer than "
@@ -89,6 +112,8 @@ def bench(args: argparse.Namespace) -> int:
     if (args.results_dir / run_id).exists():
         raise UsageError(f"{args.results_dir / run_id} exists; bench runs are not resumed (timings must be side "
                          "by side in one process): use a new --run-id")
+    methods = checks.methods(args.methods, reference=True)
+    device, dtype, model = checks.placement(args, resolved=model)
 
     from kvbench.bench import BenchConfig, run_bench
     from kvbench.report import write_report
@@ -111,13 +136,17 @@ def calibrate(args: argparse.Namespace) -> int:
     from kvbench.models import load
     from kvbench.registry import METHODS
 
-    spec = checks.methods(args.method, reference=False,
-                          calibration_data=checks.calibration_file(args.calibration_data))[0]
+    model_ref = checks.model(args)
+    specs = checks.methods(args.method, reference=False,
+                           calibration_data=checks.calibration_file(args.calibration_data))
+    if len(specs) > 1:
+        raise UsageError(f"calibrate takes one method spec, got {checks.short(args.method)!r}")
+    spec = specs[0]
     method = spec.parts[0].method if spec.parts else spec.method
     if not callable(getattr(method, "calibrate", None)):
         needing = ", ".join(n for n, c in METHODS.all().items() if callable(getattr(c, "calibrate", None)))
         raise UsageError(f"{spec.name} needs no calibration (methods that do: {needing})")
-    device, dtype, model_ref = checks.placement(args)
+    device, dtype, model_ref = checks.placement(args, resolved=model_ref)
     print(f"kvbench: loading {model_ref.name} on {device} ({dtype})", flush=True)
     model, tokenizer = load(model_ref, device, dtype)
     start = time.perf_counter()
@@ -130,6 +159,8 @@ def calibrate(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     from kvbench.results import result_files
 
+    for run_dir in args.run_dirs:  # a broken run.json is shown as such in the report; the rows still count
+        checks.readable_path(run_dir, "run folder")
     missing = [str(d) for d in args.run_dirs if not result_files(d)]
     if missing:
         raise UsageError(f"no results files in: {checks.short(', '.join(missing), 200)}")
@@ -148,6 +179,7 @@ def list_all(args: argparse.Namespace) -> int:
     from kvbench.registry import METHODS, TASKS
     from kvbench.tasks import DataUnavailable, TaskConfig
 
+    checks.data_dir(args.data_dir)
     print("methods:")
     for name, cls in METHODS.all().items():
         options = ", ".join(f"{f}={field.default}" for f, field in cls.options().items())
@@ -161,13 +193,21 @@ def list_all(args: argparse.Namespace) -> int:
             if args.data_dir is None:
                 cls.check_data()
             else:
-                cls.check_config(TaskConfig((), (), None, 0, data_dir=args.data_dir))
+                cls.check_config(TaskConfig((), (), 1, 0, data_dir=args.data_dir))  # first rows only
             state = "data available offline"
         except (DataUnavailable, ValueError) as missing:
             state = f"NO DATA: {missing}"
         print(f"  {name:<14} {cls.summary} [{cls.data_source}; {state}]")
         if cls.subtask_names:
             print(f"  {'':<14} subtasks: {', '.join(cls.subtask_names)}")
+    for prefix in TASKS.prefixes():
+        cls = TASKS.get(f"{prefix}:<name>")
+        try:
+            cls.check_data()
+            state = "installed"
+        except DataUnavailable as missing:
+            state = f"NOT INSTALLED: {missing}"
+        print(f"  {prefix}:<name>  [prefix] {cls.summary} [{cls.data_source}; {state}]")
     print("models:")
     for alias, summary in models.aliases().items():
         try:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from kvbench.measure import PeakMemory, timed
+from kvbench.measure import PeakMemory, model_devices, timed
 from kvbench.prefill import Prefill, cache_arguments, prefill
 from kvbench.spec import MethodSpec
 from kvbench.tasks import Sample, Task
@@ -70,7 +70,7 @@ def evaluate_generation(model: Any, tokenizer: Any, cell: Cell, seed: int) -> di
     context_ids, question_ids = (ids.to(device) for ids in encode(tokenizer, cell.sample))
     prompt = torch.cat([context_ids, question_ids], dim=1)
     times: dict[str, float] = {"decode_s": 0.0}
-    with torch.inference_mode(), PeakMemory(device) as peak:
+    with torch.inference_mode(), PeakMemory(model_devices(model)) as peak:
         compressed = prefill(model, cell.spec.method, cell.budget, prompt if cell.query_aware else context_ids, seed)
         cache, logits, times["prefill_s"] = compressed.cache, compressed.logits, compressed.seconds
         if not cell.query_aware:
@@ -109,8 +109,7 @@ def memory_fields(compressed: Prefill, peak: PeakMemory) -> dict[str, Any]:
         "full_kv_bytes": compressed.full_kv_bytes,
         "achieved_budget": compressed.achieved_budget,
         "final_kv_bytes": compressed.cache.nbytes(),
-        "peak_mem_bytes": peak.peak_bytes,
-        "peak_mem_kind": peak.kind,
+        **peak.fields(),  # peak_mem_bytes (sum over devices), per device, largest device, kind
     }
 
 
@@ -127,7 +126,7 @@ def evaluate_perplexity(model: Any, tokenizer: Any, cell: Cell, seed: int) -> di
     chunk = tokenizer(sample.question, add_special_tokens=False, return_tensors="pt").input_ids
     prefix, chunk = prefix.to(device), chunk.to(device)
     times: dict[str, float] = {"decode_s": 0.0}
-    with torch.inference_mode(), PeakMemory(device) as peak:
+    with torch.inference_mode(), PeakMemory(model_devices(model)) as peak:
         compressed = prefill(model, cell.spec.method, cell.budget, prefix, seed)
         times["prefill_s"] = compressed.seconds
         with timed(device, times, "decode_s"):
@@ -147,6 +146,43 @@ def evaluate_perplexity(model: Any, tokenizer: Any, cell: Cell, seed: int) -> di
     }
 
 
+@dataclass(frozen=True)
+class Loglikelihood:
+    """``log P(continuation | context)`` on a compressed cache, whether it is the greedy continuation, and the
+    prefill that compressed the context."""
+
+    logprob: float
+    greedy: bool
+    compressed: Prefill
+    scoring_s: float
+
+
+def loglikelihood(model: Any, method: Any, budget: float, context_ids: torch.Tensor, continuation_ids: torch.Tensor,
+                  seed: int = 0, softmax_dtype: torch.dtype | None = None) -> Loglikelihood:
+    """Prefill and compress the context, then score the continuation teacher-forced on the compressed cache.
+
+    This is how the DynaKV paper measures multiple-choice tasks (ARC, PIQA, Winogrande, HellaSwag) under
+    compression, and what lm-eval's ``loglikelihood`` requests get from kvbench: the continuation (the answer) is
+    never compressed. Its first token is predicted from the context's last logits, the others from one forward of
+    the continuation on the compressed cache. ``greedy`` is lm-eval's ``is_greedy``: every continuation token is
+    the argmax of its logits. The log-softmax runs in the logits' dtype unless ``softmax_dtype`` is given, as in
+    lm-eval's ``hf`` model.
+    """
+    times: dict[str, float] = {"scoring_s": 0.0}
+    with torch.inference_mode():
+        compressed = prefill(model, method, budget, context_ids, seed)
+        logits = compressed.logits[:, -1:]
+        if continuation_ids.shape[1] > 1:
+            with timed(context_ids.device, times, "scoring_s"):
+                rest = model(continuation_ids[:, :-1], **cache_arguments(model, compressed.cache)).logits
+            logits = torch.cat([logits, rest], dim=1)
+        logprobs = torch.log_softmax(logits, dim=-1, dtype=softmax_dtype)[0]
+        target = continuation_ids[0]
+        logprob = float(logprobs.gather(-1, target[:, None]).sum())
+        greedy = bool((logprobs.argmax(dim=-1) == target).all())
+    return Loglikelihood(logprob, greedy, compressed, times["scoring_s"])
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     eos = model.generation_config.eos_token_id
     if eos is None:
@@ -158,4 +194,6 @@ def evaluate_cell(model: Any, tokenizer: Any, cell: Cell, seed: int) -> dict[str
     """The measured fields of one cell, by the task's kind of evaluation."""
     if cell.task.evaluation == "perplexity":
         return evaluate_perplexity(model, tokenizer, cell, seed)
+    if cell.task.evaluation == "lm-eval":  # the task runs lm-eval's requests through `loglikelihood` and `prefill`
+        return cell.task.evaluate(model, tokenizer, cell, seed)
     return evaluate_generation(model, tokenizer, cell, seed)

@@ -6,9 +6,8 @@ import ctypes
 import ctypes.util
 import gc
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,8 +18,15 @@ _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("
 
 
 def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """Wait for the GPU work queued so far: on every CUDA device that holds this process's tensors, because a model
+    under a device map runs its last layers on other GPUs than its inputs'. Devices this process never used are
+    left alone (syncing them would create a CUDA context there)."""
+    if device.type != "cuda":
+        return
+    own = device.index if device.index is not None else torch.cuda.current_device()
+    for index in range(torch.cuda.device_count()):
+        if index == own or torch.cuda.memory_allocated(index) > 0:
+            torch.cuda.synchronize(index)
 
 
 @contextmanager
@@ -32,36 +38,67 @@ def timed(device: torch.device, into: dict[str, float], key: str) -> Iterator[No
     into[key] = into.get(key, 0.0) + time.perf_counter() - start
 
 
-@dataclass
+def model_devices(model: torch.nn.Module) -> list[torch.device]:
+    """The devices a model's weights are on, in first-use order: one, or several under a device map."""
+    found: dict[torch.device, None] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        found.setdefault(tensor.device, None)
+    return list(found) or [torch.device("cpu")]
+
+
 class PeakMemory:
-    """Peak memory over a block: CUDA allocator peak on GPU; on CPU the rise of the process's
-    peak resident set (Linux VmHWM, reset through /proc/self/clear_refs) over its RSS at the start.
+    """Peak memory over a block, on each device: the CUDA allocator's peak over what was allocated at the start;
+    on CPU the rise of the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs) over its
+    RSS at the start.
+
+    ``per_device`` holds each device's peak; ``peak_bytes`` is their sum (what the block needed in all, an upper
+    bound when the devices peak at different moments) and ``max_device_bytes`` the largest (what must fit on one
+    device). A model under a device map spans several GPUs; every other model has one entry.
     """
 
-    device: torch.device
-    kind: str = ""
-    peak_bytes: int = 0
-    _start: int = 0
+    def __init__(self, devices: torch.device | str | Sequence[torch.device | str]) -> None:
+        listed = [devices] if isinstance(devices, (torch.device, str)) else list(devices)
+        self.devices = list(dict.fromkeys(torch.device(d) for d in listed))
+        self.kind = ""
+        self.per_device: dict[str, int] = {}
+        self._start: dict[torch.device, int] = {}
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.per_device.values())
+
+    @property
+    def max_device_bytes(self) -> int:
+        return max(self.per_device.values(), default=0)
 
     def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
+        cuda = [d for d in self.devices if d.type == "cuda"]
+        if cuda:
             self.kind = "cuda_peak_allocated_delta"
+            for device in cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                self._start[device] = torch.cuda.memory_allocated(device)
         elif _reset_cpu_peak():
-            self._start = _proc_status_bytes("VmRSS")
+            self._start[torch.device("cpu")] = _proc_status_bytes("VmRSS")
             self.kind = "cpu_peak_rss_delta"
         else:
             self.kind = "unavailable"
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.kind == "cuda_peak_allocated_delta":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
-        elif self.kind == "cpu_peak_rss_delta":
-            self.peak_bytes = max(0, _proc_status_bytes("VmHWM") - self._start)
+        for device, start in self._start.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                peak = torch.cuda.max_memory_allocated(device) - start
+            else:
+                peak = max(0, _proc_status_bytes("VmHWM") - start)
+            self.per_device[str(device)] = peak
+
+    def fields(self) -> dict[str, object]:
+        """The row fields: sum over devices, largest device, each device, and what was measured."""
+        return {"peak_mem_bytes": self.peak_bytes, "peak_mem_bytes_max_device": self.max_device_bytes,
+                "peak_mem_bytes_per_device": dict(self.per_device), "peak_mem_kind": self.kind}
 
 
 def _reset_cpu_peak() -> bool:

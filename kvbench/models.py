@@ -11,11 +11,16 @@ import hashlib
 import importlib.metadata as md
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from kvbench.checks import short
 
 if TYPE_CHECKING:
     import torch
@@ -77,6 +82,8 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
+# A Hugging Face model id as the hub accepts it: owner/name of letters, digits and -_. (not starting with them).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 TOKENIZER_FOR_RANDOM = "smollm2-135m"
 
 
@@ -119,6 +126,7 @@ def aliases() -> dict[str, str]:
 
 def resolve(name: str) -> ModelRef:
     """Check that ``name`` can be loaded offline, without loading it."""
+    shown = short(name)
     if name in EMBEDDED:
         model = EMBEDDED[name]
         if any(_wheel_file(w) is None for w in model.parts):
@@ -127,46 +135,99 @@ def resolve(name: str) -> ModelRef:
     if name.startswith("random:"):
         config = name.removeprefix("random:")
         if config not in RANDOM_CONFIGS:
-            raise ModelUnavailable(f"unknown random config {config!r}; valid: {', '.join(sorted(RANDOM_CONFIGS))}")
+            raise ModelUnavailable(f"unknown random config {short(config)!r}; valid: "
+                                   f"{', '.join(sorted(RANDOM_CONFIGS))}")
         resolve(TOKENIZER_FOR_RANDOM)
         return ModelRef(name, "random", config, RANDOM_CONFIGS[config]["max_position_embeddings"])
     path = Path(name).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):  # too long for a path, or a NUL byte: not a path
+        exists = False
+    if exists:
         if not (path / "config.json").is_file():
-            raise ModelUnavailable(f"{name!r} is a path but has no config.json (expected a saved Hugging Face model)")
+            raise ModelUnavailable(f"{shown!r} is a path but has no config.json (expected a saved Hugging Face model)")
         return ModelRef(name, "hf", str(path), _context_from(path / "config.json"))
-    if name.count("/") != 1:
+    if not HUB_ID.fullmatch(name):
         raise ModelUnavailable(
-            f"model {name!r} not found: not an alias ({', '.join(aliases())}), a local path or a Hugging Face id"
+            f"model {shown!r} not found: not an alias ({', '.join(aliases())}), a local path or a Hugging Face id "
+            "(owner/name)"
         )
     return ModelRef(name, "hf", name, _context_from(_hub_config(name)))
 
 
 def _context_from(config_file: Path) -> int | None:
-    return json.loads(config_file.read_text()).get("max_position_embeddings")
+    """``max_position_embeddings`` of a model's config.json; ModelUnavailable if the file is not a model config."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = f"{error.msg} at line {error.lineno}" if isinstance(error, json.JSONDecodeError) else str(error)
+        raise ModelUnavailable(f"{config_file} is not a readable model config ({reason}); fix or replace it") from None
+    if not isinstance(config, dict):
+        raise ModelUnavailable(f"{config_file} is not a model config: it holds a JSON {type(config).__name__}, "
+                               "not an object")
+    context = config.get("max_position_embeddings")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+        raise ModelUnavailable(f"{config_file}: max_position_embeddings must be a positive whole number, got "
+                               f"{short(repr(context))}")
+    return context
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set, as huggingface_hub reads it."""
+    return any(os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_unreachable(timeout: float = 1.5) -> str | None:
+    """Why the hub endpoint cannot be reached (one TCP connection, no retries), or None when it can.
+
+    Behind a proxy the direct connection says nothing, so the check is left to the download itself.
+    """
+    if any(os.environ.get(var) for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
+        return f"{host}:{port}: {error.strerror or error or type(error).__name__}"
+    return None
 
 
 def _hub_config(repo_id: str) -> Path:
-    """The model's config.json from the local HF cache, or downloaded (config only) when the hub is reachable."""
+    """The model's config.json from the local HF cache, or downloaded (config only) when the hub is reachable.
+
+    Offline, this answers at once and quietly: HF_HUB_OFFLINE is respected, and one short connection attempt
+    stands in for huggingface_hub's retries (five, with their log lines, over about 30 s).
+    """
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo_id, "config.json")
     if isinstance(cached, str):
         return Path(cached)
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise ModelUnavailable(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    missing = f"model {repo_id!r} is not in the local Hugging Face cache"
+    advice = "download it on a connected machine (huggingface-cli download) or pass a local path"
+    if hub_offline():
+        raise ModelUnavailable(f"{missing} and HF_HUB_OFFLINE is set; {advice}")
+    if (reason := hub_unreachable()) is not None:
+        raise ModelUnavailable(f"{missing} and the hub cannot be reached ({reason}); {advice}")
+    import logging
+
     from huggingface_hub import hf_hub_download
 
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry lines; the failure, if any, is the one line below
     try:
         return Path(hf_hub_download(repo_id, "config.json"))
     except Exception as error:  # noqa: BLE001 - any hub failure means the same to the user
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        raise ModelUnavailable(
-            f"model {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached ({reason}); "
-            "download it on a connected machine (huggingface-cli download) or pass a local path"
-        ) from None
+        raise ModelUnavailable(f"{missing} and the hub did not give its config ({reason}); {advice}") from None
+    finally:
+        hub_logger.setLevel(level)
 
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -183,24 +244,58 @@ def parse_dtype(text: str, device: str) -> torch.dtype:
     return getattr(torch, text)
 
 
-def load(ref: ModelRef, device: str, dtype: torch.dtype, attn_implementation: str = "sdpa"):
-    """Load model and tokenizer, with kvbench's attention (which lets the cache compress) enabled."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(ref: ModelRef):
+    """The model's tokenizer alone: enough to build a run's samples (and so its cells) before any model loads."""
+    from transformers import AutoTokenizer
 
     if ref.kind == "random":
-        tokenizer = AutoTokenizer.from_pretrained(_converted(EMBEDDED[TOKENIZER_FOR_RANDOM]))
+        return AutoTokenizer.from_pretrained(_converted(EMBEDDED[TOKENIZER_FOR_RANDOM]))
+    return AutoTokenizer.from_pretrained(_converted(EMBEDDED[ref.location]) if ref.kind == "embedded" else ref.location)
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def load(ref: ModelRef, device: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
+         device_map: str | None = None, tokenizer: Any = None):
+    """Load model and tokenizer, with kvbench's attention (which lets the cache compress) enabled.
+
+    ``device_map`` (accelerate's ``auto``, ``balanced``, ...) spreads the layers over the GPUs of the machine (CPU
+    when it has none) instead of placing the model on ``device``; each layer's cache then lives on that layer's
+    device, because a layer's keys and values are made there. A random-weight model is built on the CPU first and
+    then dispatched, so it needs host memory for its weights.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ref)
+    if ref.kind == "random":
         settings = dict(RANDOM_CONFIGS[ref.location])
         config = AutoConfig.for_model(settings.pop("model_type"), vocab_size=len(tokenizer), **settings)
         torch.manual_seed(0)
-        with torch.device(device):  # a real-shape model is initialised where it runs, not copied there
+        with torch.device("cpu" if device_map else device):  # a real-shape model is initialised where it runs
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if device_map:
+            model = _dispatch(model, device_map, dtype)
     else:
         location = _converted(EMBEDDED[ref.location]) if ref.kind == "embedded" else ref.location
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map=device_map)
     enable_compression(model, attn_implementation)
-    return model.to(device).eval(), tokenizer
+    return (model if device_map else model.to(device)).eval(), tokenizer
+
+
+def _dispatch(model: torch.nn.Module, device_map: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Spread a model built on the CPU over the machine's devices, as ``from_pretrained(device_map=...)`` does."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = getattr(model, "_no_split_modules", None) or []
+    memory = None if device_map == "sequential" else get_balanced_memory(
+        model, dtype=dtype, low_zero=device_map == "balanced_low_0", no_split_module_classes=no_split)
+    placement = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
+    model = dispatch_model(model, placement)
+    model.hf_device_map = placement
+    return model
 
 
 def enable_compression(model: torch.nn.Module, attn_implementation: str = "sdpa") -> None:

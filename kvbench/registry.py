@@ -170,6 +170,10 @@ METHODS = Registry(
         "expected_attention": "kvbench.methods.expected_attention:ExpectedAttention",
         "palu": "kvbench.methods.palu:Palu",
         "dynakv": "kvbench.methods.dynakv:DynaKV",
+        "kvcompose": "kvbench.methods.kvcompose:KVCompose",
+        "headkv": "kvbench.methods.headkv:HeadKV",
+        "mixeddimkv": "kvbench.methods.mixeddim:MixedDimKV",
+        "mixeddimkv-h": "kvbench.methods.mixeddim:MixedDimKVH",
     },
     prefixes={"kvpress": "kvbench.methods.kvpress_adapter:press_method"},
 )
@@ -182,6 +186,7 @@ TASKS = Registry(
         "ruler": "kvbench.tasks.ruler:Ruler",
         "perplexity": "kvbench.tasks.perplexity:Perplexity",
     },
+    prefixes={"lm-eval": "kvbench.tasks.lm_eval_tasks:lm_eval_task"},
 )
 
 

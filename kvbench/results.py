@@ -124,9 +124,9 @@ class ResultsStore:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._acquire()
         previous = self.run_meta()
-        if previous is None:
-            _write_new(self.meta_path, json.dumps(meta, indent=2) + "\n")
-        else:
+        if previous is None and not _write_new(self.meta_path, json.dumps(meta, indent=2) + "\n"):
+            previous = self.run_meta()  # another shard created the run a moment ago
+        if previous is not None:
             _check_compatible(self.run_dir, previous.get("settings", {"seed": previous.get("seed")}),
                               meta.get("settings", {}))
         invocation = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -226,6 +226,15 @@ def _added(invocations: list[dict[str, Any]], grid: dict[str, Sequence[Any]],
             if any(str(v) not in seen.get(key, set()) for v in values)}
 
 
-def _write_new(path: Path, text: str) -> None:
-    with path.open("x", encoding="utf-8") as out:
-        out.write(text)
+def _write_new(path: Path, text: str) -> bool:
+    """Create ``path`` holding ``text`` unless it exists (False then). The file appears whole (written aside, then
+    hard-linked, which fails if the name is taken), so shards starting together never read it half written."""
+    aside = path.with_name(f".{path.name}.{os.getpid()}.{socket.gethostname()}.tmp")
+    try:
+        aside.write_text(text, encoding="utf-8")
+        os.link(aside, path)
+    except FileExistsError:
+        return False
+    finally:
+        aside.unlink(missing_ok=True)
+    return True

@@ -18,10 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from kvbench.evaluate import Cell, evaluate_cell
-from kvbench.models import ModelRef, load
+from kvbench.models import ModelRef, load, load_tokenizer
 from kvbench.prefill import prepare
 from kvbench.provenance import device_name, git_commit, package_version
 from kvbench.results import ResultsStore, cell_key
+from kvbench.shards import Shard, select
 from kvbench.spec import MethodSpec
 from kvbench.tasks import Sample, Task, TaskConfig
 
@@ -41,10 +42,26 @@ class RunConfig:
     attn_implementation: str = "sdpa"
     retry_errors: bool = False
     argv: Sequence[str] = field(default_factory=lambda: sys.argv)
+    device_map: str | None = None  # accelerate's device map: the model spread over the machine's GPUs
+    shard: Shard | None = None  # this process runs that part of the grid and writes results-<shard>.jsonl
+    executor: str = "serial"  # or "ray": the cells go to Ray actors, this process writes their rows
+    workers: int | None = None  # Ray actors (default: one per GPU of the cluster)
+    ray_address: str | None = None  # an existing Ray cluster (default: RAY_ADDRESS, else a local one)
 
     @property
     def run_dir(self) -> Path:
         return self.results_dir / self.run_id
+
+
+@dataclass
+class Plan:
+    """The grid of an invocation, the part this process owns (its shard), and what of it is left to run."""
+
+    tasks: list[Task]
+    samples: dict[str, Sequence[Sample]]
+    cells: list[Cell]
+    owned: list[Cell]
+    todo: list[Cell]
 
 
 def budgets_for(spec: MethodSpec, budgets: Sequence[float]) -> list[float]:
@@ -86,7 +103,8 @@ def run_metadata(config: RunConfig) -> dict[str, Any]:
         "git_commit": git_commit(),
         "versions": {name: package_version(name) for name in ("kvbench", "torch", "transformers")}
         | {"python": platform.python_version()},
-        "device": device_name(config.device),
+        "device": (f"{config.device} on Ray workers" if config.executor == "ray" else device_name(config.device))
+        + (f", device map {config.device_map}" if config.device_map else ""),
         "seed": config.task_config.seed,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": config.model.name,
@@ -132,57 +150,86 @@ def row_for(config: RunConfig, cell: Cell) -> dict[str, Any]:
 
 
 def load_prepared(ref: ModelRef, device: str, dtype: torch.dtype, attn_implementation: str,
-                  methods: Sequence[MethodSpec]) -> tuple[Any, Any]:
+                  methods: Sequence[MethodSpec], device_map: str | None = None,
+                  tokenizer: Any = None) -> tuple[Any, Any]:
     """Load the model and let every method prepare for it (e.g. load or fit its calibration artifact)."""
-    print(f"kvbench: loading {ref.name} on {device} ({dtype})", flush=True)
-    model, tokenizer = load(ref, device, dtype, attn_implementation)
+    where = f"device map {device_map}" if device_map else device
+    print(f"kvbench: loading {ref.name} on {where} ({dtype})", flush=True)
+    model, tokenizer = load(ref, device, dtype, attn_implementation, device_map=device_map, tokenizer=tokenizer)
     for spec in methods:
         prepare(spec.method, model, tokenizer)
     return model, tokenizer
 
 
-def run(config: RunConfig) -> Path:
-    """Evaluate every cell not yet in the store; returns the run directory.
+def plan(config: RunConfig, tokenizer: Any, done: set[tuple]) -> Plan:
+    """Expand the grid (samples need the tokenizer, not the model), take this shard's part, drop stored cells.
 
-    The store is opened (writer's lock taken, resume checked) before the model loads, so a refused run costs
-    nothing.
+    The shard's part is taken over the whole grid, so shards reading the store at different moments still agree.
     """
-    with ResultsStore(config.run_dir) as store:
-        store.open(run_metadata(config), grid_of(config))
-        model, tokenizer = load_prepared(config.model, config.device, config.dtype, config.attn_implementation,
-                                         config.methods)
-        _run_cells(config, store, model, tokenizer)
-    return config.run_dir
-
-
-def _run_cells(config: RunConfig, store: ResultsStore, model: Any, tokenizer: Any) -> None:
     tasks = [task_cls() for task_cls in config.tasks]
     samples = {task.name: task.samples(tokenizer, config.task_config) for task in tasks}
     cells = expand(config, tasks, samples)
-    done = store.done_keys(include_errors=not config.retry_errors)
-    todo = [c for c in cells if cell_key(row_for(config, c)) not in done]
-    _print_grid(config, tasks, samples, len(cells), len(cells) - len(todo))
+    keys = [cell_key(row_for(config, cell)) for cell in cells]
+    owned = [(cell, key) for cell, key, mine in zip(cells, keys, select(keys, config.shard), strict=True) if mine]
+    return Plan(tasks, samples, cells, [cell for cell, _ in owned], [cell for cell, key in owned if key not in done])
+
+
+def evaluate_row(config: RunConfig, model: Any, tokenizer: Any, cell: Cell) -> dict[str, Any]:
+    """One cell's row, whoever runs it (this process or a Ray actor); a failure is a row with its error."""
+    row = row_for(config, cell)
+    try:
+        return row | evaluate_cell(model, tokenizer, cell, config.task_config.seed) | {"status": "ok", "error": None}
+    except Exception as error:  # noqa: BLE001 - a failing cell is recorded and the sweep goes on
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return row | {"status": "error", "error": f"{type(error).__name__}: {error}"}
+
+
+def run(config: RunConfig) -> Path:
+    """Evaluate every cell of this process's part that is not yet in the store; returns the run directory.
+
+    The store is opened (writer's lock taken, resume checked) before anything loads, and the cells are known from
+    the tokenizer alone, so a refused run, or a shard with nothing left to run, never loads the model.
+    """
+    with ResultsStore(config.run_dir, shard=config.shard.name if config.shard else None) as store:
+        store.open(run_metadata(config), grid_of(config))
+        tokenizer = load_tokenizer(config.model)
+        work = plan(config, tokenizer, store.done_keys(include_errors=not config.retry_errors))
+        _print_grid(config, work)
+        if not work.todo:
+            return config.run_dir
+        if config.executor == "ray":
+            from kvbench.executors.ray import run_cells
+
+            failures = run_cells(config, store, work.todo)
+        else:
+            model, tokenizer = load_prepared(config.model, config.device, config.dtype, config.attn_implementation,
+                                             config.methods, config.device_map, tokenizer)
+            failures = _run_serial(config, store, model, tokenizer, work.todo)
+        if failures:
+            print(f"kvbench: {failures} cell(s) failed; their errors are in {store.results_path}", flush=True)
+    return config.run_dir
+
+
+def progress_bar(config: RunConfig, total: int) -> tqdm:
+    return tqdm(total=total, unit="cell", dynamic_ncols=True,
+                desc="kvbench" + (f" shard {config.shard}" if config.shard else ""))
+
+
+def _run_serial(config: RunConfig, store: ResultsStore, model: Any, tokenizer: Any, todo: Sequence[Cell]) -> int:
     failures = 0
-    with tqdm(total=len(todo), unit="cell", desc="kvbench", dynamic_ncols=True) as progress:
+    with progress_bar(config, len(todo)) as progress:
         for cell in todo:
             progress.set_postfix_str(f"{cell.spec.canonical} @ {cell.budget:g} {cell.sample.sample_id}")
-            row = row_for(config, cell)
-            try:
-                row |= evaluate_cell(model, tokenizer, cell, config.task_config.seed) | {"status": "ok", "error": None}
-            except Exception as error:  # noqa: BLE001 - a failing cell is recorded and the sweep goes on
-                failures += 1
-                row |= {"status": "error", "error": f"{type(error).__name__}: {error}"}
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+            row = evaluate_row(config, model, tokenizer, cell)
+            failures += row["status"] == "error"
             store.append(row)
             progress.update(1)
-    if failures:
-        print(f"kvbench: {failures} cell(s) failed; their errors are in {store.results_path}", flush=True)
+    return failures
 
 
-def _print_grid(config: RunConfig, tasks: Sequence[Task], samples: dict[str, Sequence[Sample]], total: int,
-                done: int) -> None:
-    """The grid, each task with the settings it actually uses (``Task.grid_options``)."""
+def _print_grid(config: RunConfig, work: Plan) -> None:
+    """The grid, each task with the settings it actually uses (``Task.grid_options``), and this process's part."""
     def shown(value: Any) -> str:
         values = value if isinstance(value, (list, tuple)) else [value]
         return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
@@ -190,12 +237,14 @@ def _print_grid(config: RunConfig, tasks: Sequence[Task], samples: dict[str, Seq
     def task_text(task: Task) -> str:
         used = [f"{option.replace('_', ' ')} {shown(value)}" for option in task.grid_options
                 if (value := getattr(config.task_config, option)) not in (None, (), [])]
-        return f"{task.name}: {len(samples[task.name])} samples" + (f" ({' x '.join(used)})" if used else "")
+        return f"{task.name}: {len(work.samples[task.name])} samples" + (f" ({' x '.join(used)})" if used else "")
 
     modes = " + ".join("query-aware" if m else "query-agnostic" for m in config.query_modes)
+    total, owned, todo = len(work.cells), len(work.owned), len(work.todo)
+    part = f" | shard {config.shard} ({config.shard.source}): {owned} of them" if config.shard else ""
     print(
         f"kvbench: grid = model {config.model.name} | methods {', '.join(s.canonical for s in config.methods)}"
-        f" | budgets {','.join(f'{b:g}' for b in config.budgets)} | {'; '.join(map(task_text, tasks))}"
-        f" | {modes} | {total} cells, {done} already done, {total - done} to run",
+        f" | budgets {','.join(f'{b:g}' for b in config.budgets)} | {'; '.join(map(task_text, work.tasks))}"
+        f" | {modes} | {total} cells{part}, {owned - todo} already done, {todo} to run",
         flush=True,
     )

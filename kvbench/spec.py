@@ -13,11 +13,15 @@ continues the options of the spec before it, anything else starts a new spec, e.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvbench.methods import Method
+from kvbench.checks import short
 from kvbench.registry import METHODS, RegistryError, method_class
+
+if TYPE_CHECKING:  # a method's module (and torch) is imported only when its name is looked up
+    from kvbench.methods import Method
 
 
 class SpecError(ValueError):
@@ -61,7 +65,7 @@ def split_spec_list(text: str) -> list[str]:
         continues_options = "=" in piece and ":" not in piece and "+" not in piece
         if continues_options:
             if not specs or ":" not in specs[-1]:
-                raise SpecError(f"option {piece!r} does not follow a method (write method:{piece})")
+                raise SpecError(f"option {short(piece)!r} does not follow a method (write method:{short(piece)})")
             specs[-1] += "," + piece
         else:
             specs.append(piece)
@@ -69,6 +73,7 @@ def split_spec_list(text: str) -> list[str]:
 
 
 def _convert(value: str, field: dataclasses.Field, method: str) -> Any:
+    """The option's value as its field's type; a float must be finite (nan or inf would make every score nan)."""
     kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
     try:
         if kind == "bool":
@@ -78,9 +83,16 @@ def _convert(value: str, field: dataclasses.Field, method: str) -> Any:
         if kind == "int":
             return int(value)
         if kind == "float":
-            return float(value)
+            return finite(float(value))
     except ValueError:
-        raise SpecError(f"{method}: option {field.name} needs a {kind}, got {value!r}") from None
+        wanted = {"float": "a finite float", "int": "an int", "bool": "a bool (true or false)"}.get(kind, kind)
+        raise SpecError(f"{short(method)}: option {field.name} needs {wanted}, got {short(value)!r}") from None
+    return value
+
+
+def finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{value} is not finite")
     return value
 
 
@@ -105,9 +117,10 @@ def _parse_composition(text: str, parts: list[str], calibration_data: str | None
             key, _, value = item.partition("=")
             if key.strip() == "tokens":
                 try:
-                    composition_options["tokens"] = float(value)
+                    composition_options["tokens"] = finite(float(value))
                 except ValueError:
-                    raise SpecError(f"{text}: option tokens needs a float, got {value!r}") from None
+                    raise SpecError(f"{short(text)}: option tokens needs a finite float, "
+                                    f"got {short(value)!r}") from None
             else:
                 kept.append(item)
         elements.append(_parse_single(name + (":" + ",".join(kept) if kept else ""), calibration_data))
@@ -118,13 +131,13 @@ def _parse_composition(text: str, parts: list[str], calibration_data: str | None
         valid = {family: ", ".join(sorted(n for n, c in methods().items()
                                           if c.family == family and getattr(c, "uniform", True)))
                  for family in ("dimension", "token")}
-        raise SpecError(f"composition {text!r}: compositions need a dimension method ({valid['dimension']}) "
+        raise SpecError(f"composition {short(text)!r}: compositions need a dimension method ({valid['dimension']}) "
                         f"and a token method ({valid['token']}), one of each")
     dimension, token = sorted(elements, key=lambda e: e.method.family)
     try:
         method = Composition(dimension.method, token.method, **composition_options)
     except ValueError as error:
-        raise SpecError(f"{text}: {error}") from None
+        raise SpecError(f"{short(text)}: {error}") from None
     return MethodSpec(method, tuple(sorted(composition_options.items())), (dimension, token))
 
 
@@ -142,15 +155,15 @@ def _parse_single(text: str, calibration_data: str | None = None) -> MethodSpec:
     for item in filter(None, (o.strip() for o in option_text.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
-            raise SpecError(f"{name}: option {item!r} must be key=value")
+            raise SpecError(f"{short(name)}: option {short(item)!r} must be key=value")
         if key not in fields:
             valid = ", ".join(sorted(fields)) or "none"
-            raise SpecError(f"{name}: unknown option {key!r}; valid options: {valid}")
+            raise SpecError(f"{short(name)}: unknown option {short(key)!r}; valid options: {valid}")
         explicit[key] = _convert(value, fields[key], name)
     if calibration_data and "data" in fields and cls.family == "dimension":
         explicit.setdefault("data", calibration_data)
     try:
         method = cls(**explicit)
     except ValueError as error:
-        raise SpecError(f"{name}: {error}") from None
+        raise SpecError(f"{short(name)}: {error}") from None
     return MethodSpec(method=method, explicit=tuple(sorted(explicit.items())))

@@ -39,7 +39,7 @@ class AdaKV(SnapKV):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError("adakv needs 0 <= alpha <= 1")
+            raise ValueError(f"adakv needs 0 <= alpha <= 1, got {self.alpha}")
 
     def compress(self, layer: PerHeadLayer, inputs: LayerInputs, budget: float) -> None:
         n_keep = self.keep_count(inputs, budget)

@@ -16,6 +16,7 @@ RoPE tables (``kvbench.rope``), so ``prepare`` must have been called with the mo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -43,6 +44,8 @@ class ExpectedAttention(TokenMethod):
         super().__post_init__()
         if self.n_future_positions < 1 or self.n_sink < 0:
             raise ValueError("expected_attention needs n_future_positions >= 1 and n_sink >= 0")
+        if not 0.0 <= self.epsilon < math.inf:  # also refuses nan, which would make every score nan
+            raise ValueError(f"expected_attention needs a finite epsilon >= 0, got {self.epsilon}")
 
     def prepare(self, model: torch.nn.Module, tokenizer: Any) -> None:
         self._rotary = rotary_module(model)  # not an option: a plain attribute, never in the result rows

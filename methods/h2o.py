@@ -40,7 +40,8 @@ class H2O(TokenMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.recent_ratio <= 1.0 or self.chunk < 1:
-            raise ValueError("h2o needs 0 <= recent_ratio <= 1 and chunk >= 1")
+            raise ValueError(f"h2o needs 0 <= recent_ratio <= 1 and chunk >= 1, got recent_ratio={self.recent_ratio}, "
+                             f"chunk={self.chunk}")
 
     def score(self, inputs: LayerInputs) -> torch.Tensor:
         """Attention accumulated over ``inputs.queries`` (the last ``q_len`` keys' queries), per KV head."""

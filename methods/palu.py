@@ -42,7 +42,8 @@ class Palu(LowRankMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.group_size < 1 or self.multiple < 1 or self.rank < 0:
-            raise ValueError("palu needs group_size >= 1, multiple >= 1 and rank >= 0")
+            raise ValueError(f"palu needs group_size >= 1, multiple >= 1 and rank >= 0, got group_size="
+                             f"{self.group_size}, multiple={self.multiple}, rank={self.rank}")
         if self.allocation not in ("greedy", "uniform"):
             raise ValueError("palu allocation must be 'greedy' or 'uniform'")
         self._ranks: dict[tuple[float, int], list[tuple[int, int]]] = {}

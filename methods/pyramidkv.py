@@ -34,7 +34,7 @@ class PyramidKV(SnapKV):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.beta < 1:
-            raise ValueError("pyramidkv needs beta >= 1")
+            raise ValueError(f"pyramidkv needs beta >= 1, got {self.beta}")
 
     def prepare(self, model: torch.nn.Module, tokenizer: Any) -> None:
         self._num_layers = model.config.get_text_config().num_hidden_layers  # not an option: never in the rows

@@ -33,7 +33,8 @@ class SnapKV(TokenMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError("snapkv needs window >= 1 and an odd kernel >= 1")
+            raise ValueError(f"snapkv needs window >= 1 and an odd kernel >= 1, got window={self.window}, "
+                             f"kernel={self.kernel}")
         if self.pooling not in ("max", "avg"):
             raise ValueError("snapkv pooling must be 'max' or 'avg'")
 

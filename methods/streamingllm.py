@@ -20,6 +20,11 @@ class StreamingLLM(TokenMethod):
 
     sink_tokens: int = 4
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sink_tokens < 0:
+            raise ValueError(f"streamingllm needs sink_tokens >= 0, got {self.sink_tokens}")
+
     def score(self, inputs: LayerInputs) -> torch.Tensor:
         batch, kv_heads, n_tokens, _ = inputs.keys.shape
         scores = recency(n_tokens, inputs.keys.device)

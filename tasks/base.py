@@ -49,6 +49,8 @@ class TaskConfig:
     subtasks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Folder of data files given with --data-dir (e.g. LongBench's official *.jsonl files).
     data_dir: str | None = None
+    # Folder of lm-eval task YAMLs given with --include-path (lm-eval:<name> tasks of the user's own).
+    include_path: str | None = None
     # The model's longest prompt in tokens; tasks with long real documents truncate their middle to fit it.
     max_prompt_tokens: int | None = None
 

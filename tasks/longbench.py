@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -194,23 +194,79 @@ def locate(datasets: Sequence[str], data_dir: str | None, download: bool = True)
     archive = _hub_archive(download)
     if archive is None:
         raise DataUnavailable(_missing_line(datasets, None))
-    with zipfile.ZipFile(archive) as zf:
-        members = set(zf.namelist())
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = set(zf.namelist())
+    except (OSError, zipfile.BadZipFile) as error:
+        raise DataUnavailable(f"{archive} is not a readable zip archive ({error}); delete it from the Hugging Face "
+                              "cache or pass --data-dir with the official files") from None
     missing = [d for d in datasets if f"data/{d}.jsonl" not in members]
     if missing:
         raise DataUnavailable(f"{archive} has no data/{missing[0]}.jsonl; pass --data-dir with the official files")
     return {d: f"zip:{archive}" for d in datasets}
 
 
-@lru_cache(maxsize=64)
-def read_rows(source: str, dataset: str) -> tuple[dict[str, Any], ...]:
-    """The official rows of one dataset, in file order."""
+def _lines(source: str, dataset: str) -> Iterator[bytes]:
     if source.startswith("zip:"):
-        with zipfile.ZipFile(source[4:]) as zf:
-            text = zf.read(f"data/{dataset}.jsonl").decode("utf-8")
+        with zipfile.ZipFile(source[4:]) as zf, zf.open(f"data/{dataset}.jsonl") as member:
+            yield from member
     else:
-        text = Path(source).read_text(encoding="utf-8")
-    return tuple(json.loads(line) for line in text.splitlines() if line.strip())
+        with open(source, "rb") as lines:
+            yield from lines
+
+
+def _where(source: str, dataset: str) -> str:
+    return f"{source[4:]}:data/{dataset}.jsonl" if source.startswith("zip:") else source
+
+
+def row_problem(row: Any, dataset: str) -> str | None:
+    """What makes ``row`` unusable as an official row of ``dataset``, or None."""
+    if not isinstance(row, dict):
+        return f"is a JSON {type(row).__name__}, not an object"
+    if not isinstance(row.get("context"), str):
+        return "has no 'context' text" if "context" not in row else "has a 'context' that is not text"
+    if "input" not in row or not isinstance(row["input"], (str, type(None))):
+        return "has no 'input' text (the question; \"\" when the task has none)"
+    answers = row.get("answers")
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        return "has no 'answers' (a non-empty list of texts)"
+    classes = row.get("all_classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        return "has an 'all_classes' that is neither null nor a list of texts"
+    length = row.get("length")
+    if (dataset.endswith("_e") or length is not None) and (isinstance(length, bool) or not isinstance(length, int)):
+        return "has no whole-number 'length' (LongBench-E buckets rows by it)"
+    return None
+
+
+@lru_cache(maxsize=64)
+def read_rows(source: str, dataset: str, limit: int | None = None) -> tuple[dict[str, Any], ...]:
+    """The first ``limit`` official rows of one dataset (all when None), in file order.
+
+    Each is checked: a line that is not UTF-8, not JSON, not an object or lacks a field the prompt or the metric
+    needs is a ValueError naming the file and line, and so is a file without rows.
+    """
+    rows: list[dict[str, Any]] = []
+    where = _where(source, dataset)
+    for number, raw in enumerate(_lines(source, dataset), 1):
+        if limit is not None and len(rows) >= limit:
+            break
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
+        except UnicodeDecodeError as error:
+            raise ValueError(f"LongBench file {where} line {number} is not UTF-8 text (byte {error.start + 1}); "
+                             "replace it with the official file") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"LongBench file {where} line {number} is not valid JSON ({error.msg} at column "
+                             f"{error.colno}); replace it with the official file") from None
+        if (problem := row_problem(row, dataset)) is not None:
+            raise ValueError(f"LongBench file {where} line {number} {problem}; replace it with the official file")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"LongBench file {where} has no rows; replace it with the official file")
+    return tuple(rows)
 
 
 def truncate_middle(tokenizer: Any, prompt: str, max_tokens: int) -> tuple[str, int]:
@@ -259,7 +315,13 @@ class LongBench(Task):
                 import jieba  # noqa: F401
             except ImportError:
                 raise DataUnavailable("Chinese LongBench tasks need jieba: pip install 'kvbench[zh]'") from None
-        locate(datasets, config.data_dir)
+        sources = locate(datasets, config.data_dir)
+        for dataset in datasets:  # the rows a run will use, so that a broken file stops it before the model loads
+            try:
+                read_rows(sources[dataset], dataset, config.max_samples)
+            except OSError as error:
+                raise DataUnavailable(f"LongBench file {_where(sources[dataset], dataset)} cannot be read "
+                                      f"({error.strerror or error})") from None
 
     def info(self, config: TaskConfig) -> dict[str, Any]:
         datasets = expand(config.subtasks.get(self.name, ()))
@@ -281,7 +343,7 @@ class LongBench(Task):
         out: list[Sample] = []
         for dataset in datasets:
             spec = SPECS[_base(dataset)]
-            rows = read_rows(sources[dataset], dataset)[: config.max_samples]
+            rows = read_rows(sources[dataset], dataset, config.max_samples)
             for index, row in enumerate(rows):
                 out.append(self._sample(tokenizer, config, dataset, spec, index, row))
         return out

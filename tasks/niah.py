@@ -99,6 +99,10 @@ NEEDLES: tuple[Needle, ...] = (
 )
 
 INSTRUCTION = "Below is a long document. Somewhere in it is a fact you will be asked about."
+# The instruction and the longest needle take about 50 tokens (embedded tokenizer); a length must leave at least as
+# many tokens of essay around the needle, or its depth means nothing. Checked before the model loads; the exact
+# overhead of the run's tokenizer is checked when the samples are built.
+MIN_LENGTH = 100
 ANSWER_HINT = "Answer in one short sentence."
 
 # (distribution, regex of the essay files' paths inside it), most preferred first.
@@ -275,6 +279,20 @@ class NeedleInAHaystack(Task):
         if _locate_haystack() is None:
             raise DataUnavailable(_INSTALL_HINT)
 
+    @classmethod
+    def check_config(cls, config: TaskConfig) -> None:
+        """Lengths it can honour, and depths that stay distinct in sample ids (whole percents)."""
+        cls.check_data()
+        if config.lengths and min(config.lengths) < MIN_LENGTH:
+            raise ValueError(f"niah needs --lengths of at least {MIN_LENGTH} tokens (instruction, needle and as much "
+                             f"essay around it), got {min(config.lengths)}")
+        by_percent: dict[int, float] = {}
+        for depth in sorted(set(config.depths)):
+            if (twin := by_percent.setdefault(round(depth * 100), depth)) != depth:
+                raise ValueError(f"--depths {twin:g} and {depth:g} are the same depth in whole percents "
+                                 f"({round(depth * 100)} %), which names a niah sample; give depths at least 0.01 "
+                                 "apart")
+
     def samples(self, tokenizer: Any, config: TaskConfig) -> Sequence[Sample]:
         """One sample per (length, depth); the whole context is about `length` tokens of this tokenizer.
 
@@ -299,6 +317,9 @@ class NeedleInAHaystack(Task):
             index = _needle_index(length, depth_pct, config.seed)
             needle = NEEDLES[index]
             overhead = len(tokenizer.encode(_wrap(needle.statement), add_special_tokens=False))
+            if length < 2 * overhead:
+                raise ValueError(f"niah needs --lengths of at least {2 * overhead} tokens with this tokenizer "
+                                 f"(instruction and needle take {overhead}), got {length}")
             haystack = _cut(tokenizer, ids, length - overhead)
             out.append(
                 Sample(

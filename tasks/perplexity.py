@@ -53,6 +53,8 @@ class Perplexity(Task):
     higher_is_better: ClassVar[bool] = False
     evaluation: ClassVar[str] = "perplexity"
     subtask_names: ClassVar[tuple[str, ...]] = SOURCES
+    # The scored chunk follows the prefix of --lengths tokens: both must fit the model's context.
+    tokens_after_length: ClassVar[int] = CHUNK_TOKENS
 
     @classmethod
     def check_data(cls) -> None:

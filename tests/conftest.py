@@ -8,6 +8,16 @@ import torch
 from kvbench.testing import random_prompt, tiny_model
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` need CUDA; without it they are skipped (scripts/gpu-check.sh runs them on a GPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def model(request) -> torch.nn.Module:
     return tiny_model(request.param)

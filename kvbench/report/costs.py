@@ -1,5 +1,6 @@
 """The cost sections of the report, as blocks: measured memory and speed of the quality run, and the
-``python -m kvbench bench`` measurements side by side with ``full``."""
+``python -m kvbench bench`` measurements side by side with ``full`` (decoding against the memory-bound limit,
+and kvbench's methods beside the kvpress presses of the same name)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,8 @@ def bench_section(tables: ReportTables) -> list[Block]:
                                   prefill_x=frame["prefill_s_x"], decode_x=frame["decode_tok_s_x"])
         parts += [
             Table(header, rows, {"method"}),
+            *_limit_table(frame),
+            *_kvpress_table(frame),
             Figure(f"{FIGURE_PREFIX}bench-speed-{slug(model)}.png",
                    plots.bench_speed(plot_frame, colours, f"{model}: speed relative to full"),
                    "Prefill time and decode speed relative to full, by context length."),
@@ -98,3 +101,54 @@ def bench_section(tables: ReportTables) -> list[Block]:
                    "Peak memory while decoding and KV bytes held, by budget."),
         ]
     return parts
+
+
+def _limit_table(frame: pd.DataFrame) -> list[Block]:
+    compressed = frame[(frame["method"] != "full") & frame["decode_limit"].notna()]
+    if compressed.empty:
+        return []
+    rows = [[f"{b.length:g}", method_label(b.method, bool(b.masked)), f"{b.budget:.3f}",
+             fmt.fixed(b.achieved_budget, 3), fmt.sig(b.sample_s), fmt.ratio(b.decode_tok_s_x),
+             fmt.ratio(b.decode_limit), fmt.ratio(b.of_limit)]
+            for b in compressed.itertuples(index=False)]
+    return [Text("Decoding against the memory-bound limit: a step reads the weights (W bytes) and the cache, so a "
+                 "cache cut to a fraction b of the full cache's KV bytes can speed a step up by at most "
+                 "(W + KV) / (W + b·KV). \"of limit\" is the measured decode speed-up (× full) over that limit: 1 "
+                 "is all that memory traffic allows; below 1, the method's own work (scoring, rebuilding latent "
+                 "keys) costs time; above 1, the full cache costs more per byte than one read (e.g. copying the "
+                 "growing cache every step on CPU). Sample s is prefill plus decoding of one sample (median)."),
+            Table(["context tokens", "method", "budget", "achieved budget", "sample s", "decode × full", "limit",
+                   "of limit"], rows, {"method"})]
+
+
+def kvpress_pairs(frame: pd.DataFrame) -> list[tuple[Any, Any]]:
+    """(kvbench row, kvpress row) of the same method at the same length and budget: ``kvpress:SnapKVPress`` pairs
+    with ``snapkv...`` (names compared without ``Press``, case and underscores)."""
+    def base(method: str) -> str:
+        return method.split(":")[0].replace("_", "").lower()
+
+    rows = list(frame.itertuples(index=False))
+    pairs = []
+    for press in rows:
+        if not press.method.startswith("kvpress:"):
+            continue
+        name = press.method.split(":")[1].removesuffix("Press").lower()
+        pairs += [(own, press) for own in rows if not own.method.startswith("kvpress:") and "+" not in own.method
+                  and base(own.method) == name and own.length == press.length and own.budget == press.budget]
+    return pairs
+
+
+def _kvpress_table(frame: pd.DataFrame) -> list[Block]:
+    pairs = kvpress_pairs(frame)
+    if not pairs:
+        return []
+    rows = [[f"{own.length:g}", own.method, press.method, f"{own.budget:.3f}", fmt.sig(own.sample_s),
+             fmt.sig(press.sample_s), fmt.ratio(own.sample_s / press.sample_s), fmt.sig(own.prefill_s),
+             fmt.sig(press.prefill_s), fmt.sig(own.decode_tok_s), fmt.sig(press.decode_tok_s), fmt.size(own.kv_bytes),
+             fmt.size(press.kv_bytes)] for own, press in pairs]
+    return [Text("kvbench beside kvpress: the same press, the same prompt, in one process; a kvpress press runs "
+                 "through kvbench's prefill with its hooks around the compressing forward. Sample s is prefill plus "
+                 "decoding (median); KV held is measured from the cache's tensors after compression."),
+            Table(["context tokens", "kvbench", "kvpress", "budget", "kvbench sample s", "kvpress sample s",
+                   "kvbench / kvpress", "kvbench prefill s", "kvpress prefill s", "kvbench decode tok/s",
+                   "kvpress decode tok/s", "kvbench KV held", "kvpress KV held"], rows, {"kvbench", "kvpress"})]

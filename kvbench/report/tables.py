@@ -25,7 +25,8 @@ from kvbench.results import load_results
 BENCH = "bench"  # the ``kind`` of rows written by ``python -m kvbench bench``
 LOWER_IS_BETTER_METRICS = frozenset({"perplexity", "ppl", "loss", "nll"})
 NUMERIC = ("budget", "score", "achieved_budget", "kv_bytes", "full_kv_bytes", "peak_mem_bytes", "prefill_s",
-           "decode_s", "decode_tokens", "context_tokens", "prefill_peak_mem_bytes", "decode_peak_mem_bytes")
+           "decode_s", "decode_tokens", "context_tokens", "prefill_peak_mem_bytes", "decode_peak_mem_bytes",
+           "weights_bytes")
 TEXT = ("run_id", "model", "method", "task", "sample_id", "status", "error", "metric", "peak_mem_kind", "kind")
 OTHER = ("query_aware", "sample_meta", "quality_meaningful", "masked", "higher_is_better", "repeat")
 CELL = ("model", "method", "budget", "task", "sample_id", "mode")
@@ -245,7 +246,8 @@ def _bench(rows: pd.DataFrame) -> pd.DataFrame:
     if ok.empty:
         return pd.DataFrame(columns=keys)
     ok = ok.assign(length=ok["context_tokens"],
-                   decode_tok_s=ok["decode_tokens"] / ok["decode_s"].where(ok["decode_s"] > 0))
+                   decode_tok_s=ok["decode_tokens"] / ok["decode_s"].where(ok["decode_s"] > 0),
+                   sample_s=ok["prefill_s"] + ok["decode_s"])
 
     def spread(values: pd.Series) -> float:
         """(max - min) / median: how much the repeats disagree."""
@@ -259,6 +261,16 @@ def _bench(rows: pd.DataFrame) -> pd.DataFrame:
         prefill_peak_mem_bytes=("prefill_peak_mem_bytes", "median"),
         decode_peak_mem_bytes=("decode_peak_mem_bytes", "median"),
         peak_mem_kind=("peak_mem_kind", _kinds), masked=("masked", "any"),
+        sample_s=("sample_s", "median"), weights_bytes=("weights_bytes", "median"),
     ).reset_index()
-    return _with_ratios(bench, ["model", "length"],
-                        ("prefill_s", "decode_tok_s", "kv_bytes", "prefill_peak_mem_bytes", "decode_peak_mem_bytes"))
+    bench = _with_ratios(bench, ["model", "length"],
+                         ("prefill_s", "decode_tok_s", "kv_bytes", "prefill_peak_mem_bytes", "decode_peak_mem_bytes"))
+    limit = bandwidth_limit(bench["weights_bytes"], bench["full_kv_bytes"], bench["achieved_budget"])
+    return bench.assign(decode_limit=limit, of_limit=bench["decode_tok_s_x"] / limit)
+
+
+def bandwidth_limit(weights_bytes: float | pd.Series, full_kv_bytes: float | pd.Series,
+                    budget: float | pd.Series) -> float | pd.Series:
+    """The most a decoding step can speed up when the cache shrinks to ``budget`` of ``full_kv_bytes`` and the
+    step is bound by reading memory: ``(W + KV) / (W + b KV)``. Numbers or pandas Series."""
+    return (weights_bytes + full_kv_bytes) / (weights_bytes + budget * full_kv_bytes)

@@ -1,166 +1,190 @@
 """DynaKV (Lu et al., 2026, "One Size Does Not Fit All: Token-Wise Adaptive Compression for KV Cache",
-arXiv 2603.04411): low-rank KV latents whose rank is chosen per token by a learned gate.
+arXiv 2603.04411): low-rank KV states whose rank is chosen per token by a learned gate.
 
-No code is public; this follows the paper's description. Each layer's keys (pre-RoPE, re-rotated after
-reconstruction) and values are projected on one principal basis over all KV heads (joint spectral
-decomposition, the same bases as ``palu``: one group of all heads); a token keeps the first ``r_t``
-coefficients, ``r_t`` from a nested set of levels (every rank up to 255 dims, else 255 evenly spaced ones). A small gate
-per layer (``ranker.py``) scores each token from its K/V coefficients; it is trained with the base
-model frozen, by distillation (KL of next-token distributions against the uncompressed model) on calibration
-text, for ``steps`` steps, with a budget drawn per step so that one gate serves every budget. At inference a
-threshold calibrated on the prompt makes the kept coefficients fill each layer's share of the budget: the
-per-layer and K/V shares are Palu's measured allocation (greedy on held-out error curves), so the comparison
-with ``palu`` isolates the token-wise adaptivity. ``adaptive=false`` gives every token the same rank (ablation).
+No code is public; ``gate=paper`` (the default) follows the paper's v1 text (see ``spectral.py`` for the
+equations and ``docs/methods/dynakv.md``): per layer and separately for K and V, a learnable basis ``U`` over all
+KV heads' pre-RoPE states, initialised from the covariance's eigenvectors; a linear gate ``p = softmax(x̃W + b)``
+over cut-off indices; training with the base model frozen on next-token cross-entropy plus ``α R²``; at inference
+each token keeps the prefix where the soft mask exceeds ``tau`` = 0.1, so the per-layer and per-token allocation
+emerges from the gates. The rate is set by α: ``alpha=0`` (default) finds the α whose held-out rate meets the
+requested budget (``library.py``: short training runs on a grid of α, one cached artifact per model and α).
 
-The budget counts every stored byte: the ragged coefficients, each token's level (uint8, K and V) and position
-(int32). Gates, their settings, loss curve and the data's fingerprint are saved as a calibration artifact.
+What kvbench adds, because it is asked for a byte budget rather than a rate: the budget counts every stored
+byte (coefficients, each token's K and V rank, its int32 position), so the α search targets the budget minus
+that metadata; and a prompt whose ranks exceed the budget anyway (text unlike the calibration text) has its
+threshold raised above ``tau`` for all its layers at once until it fits (``finish``). The threshold of each row is
+recorded (``dynakv_threshold``), as are α, the held-out rate and the training cost.
+
+``gate=ranker`` is kvbench's own earlier design, not the paper's (``ranker_variant.py``); its options are
+``ranker_steps``, ``ranker_lr``, ``objective``, ``window``, ``level_steps``, ``hidden`` and ``multiple``.
+``adaptive=false`` gives every token of a layer the same rank (the ablation): for ``gate=paper`` the mean K and V
+ranks the trained gates give that layer on held-out text (scaled down if they exceed the budget).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from kvbench import artifacts, calibration
-from kvbench.artifacts import TensorSpec
 from kvbench.methods.base import LayerInputs
-from kvbench.methods.dynakv.ranker import Allocation, GateTraining, LayerBasis, RankGates, rank_levels, train_gates
-from kvbench.methods.lowrank.allocation import POSITION_DTYPE, allocate_ranks
+from kvbench.methods.dynakv.library import GateLibrary, Trained, dims_for_budget, metadata_fraction
+from kvbench.methods.dynakv.ranker_variant import LAYOUT as RANKER_LAYOUT
+from kvbench.methods.dynakv.ranker_variant import RankerVariant
+from kvbench.methods.dynakv.spectral import Training
 from kvbench.methods.lowrank.method import LowRankMethod
+from kvbench.rope import rotary_module
 
 if TYPE_CHECKING:
-    from kvbench.methods.dynakv.storage import VariableRankLayer
+    from pathlib import Path
 
-LEVEL_DTYPE = torch.uint8  # each token's rank level, for K and for V
+    from kvbench.layers import CompressedLayer
+
+PAPER_OPTIONS = ("alpha", "tau", "steps", "lr", "basis_lr")
+RANKER_OPTIONS = ("ranker_steps", "ranker_lr", "objective", "window", "level_steps", "hidden", "multiple")
 
 
 @dataclass
 class DynaKV(LowRankMethod):
     name: ClassVar[str] = "dynakv"
-    summary: ClassVar[str] = ("token-wise adaptive rank of joint pre-RoPE latents, learned gates "
-                               "(Lu et al. 2026)")
-    layout: ClassVar[str] = "kvbench.methods.dynakv.storage:VariableRankLayer"
+    summary: ClassVar[str] = ("token-wise adaptive rank: learnable spectral basis and linear cut-off gates trained "
+                               "with CE + alpha R^2 (Lu et al. 2026)")
+    layout: ClassVar[str] = "kvbench.methods.dynakv.prefix:PrefixLayer"
 
-    steps: int = 128  # gate training steps (minutes on a laptop CPU for SmolLM2-135M)
-    objective: str = "attention"  # layer-local attention-output error; "kl": next-token KL through the model
-    window: int = 64  # tokens per step that attend to the compressed prefix (the loss positions)
-    level_steps: int = 255  # rank levels: 0 and level_steps evenly spaced ranks (every rank when dim <= 255)
-    hidden: int = 32
-    lr: float = 3e-3
+    gate: str = "paper"  # "paper": the paper's method; "ranker": kvbench's variant
     adaptive: bool = True
-    multiple: int = 8  # Palu's rank rounding in the per-layer allocation that DynaKV shares
+    alpha: float = 0.0  # the rate penalty; 0: the α whose held-out rate meets the budget
+    tau: float = 0.1  # the hard mask's threshold (paper: "e.g., 0.1")
+    steps: int = 32  # training steps per α (one 512-token chunk each)
+    lr: float = 0.02  # gate W, b
+    basis_lr: float = 1e-4  # basis U
+    ranker_steps: int = 128
+    ranker_lr: float = 3e-3
+    objective: str = "attention"
+    window: int = 64
+    level_steps: int = 255
+    hidden: int = 32
+    multiple: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.steps < 1 or self.window < 1 or self.hidden < 1 or self.multiple < 1:
-            raise ValueError("dynakv needs steps, window, hidden and multiple >= 1")
+        if self.gate not in ("paper", "ranker"):
+            raise ValueError("dynakv gate must be 'paper' or 'ranker'")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        other = RANKER_OPTIONS if self.gate == "paper" else PAPER_OPTIONS
+        changed = [name for name in other if getattr(self, name) != defaults[name]]
+        if changed:
+            variant = "ranker" if self.gate == "paper" else "paper"
+            raise ValueError(f"dynakv option {changed[0]} applies to gate={variant} only (this spec has "
+                             f"gate={self.gate})")
+        if self.alpha < 0 or not 0 <= self.tau < 1 or self.steps < 1 or self.lr <= 0 or self.basis_lr < 0:
+            raise ValueError("dynakv needs alpha >= 0, 0 <= tau < 1, steps >= 1, lr > 0 and basis_lr >= 0")
+        if min(self.ranker_steps, self.window, self.hidden, self.multiple) < 1 or self.ranker_lr <= 0:
+            raise ValueError("dynakv needs ranker_steps, window, hidden and multiple >= 1 and ranker_lr > 0")
         if self.objective not in ("attention", "kl"):
             raise ValueError("dynakv objective must be 'attention' or 'kl'")
         if not 1 <= self.level_steps <= 255:
             raise ValueError("dynakv level_steps must be in [1, 255] (levels are stored as uint8)")
-        self.gates: RankGates | None = None
-        self.layer_bases: list[LayerBasis] = []
-        self.gate_meta: dict[str, Any] = {}
-        self._shares: dict[tuple[float, int], list[tuple[float, float]]] = {}
+        self.ranker = RankerVariant(self) if self.gate == "ranker" else None
+        if self.ranker is not None:
+            self.layout = RANKER_LAYOUT  # an instance attribute: the cache reads the method's layout
+        self.library: GateLibrary | None = None
+        self.rotary: torch.nn.Module | None = None
+        self.active: Trained | None = None  # the gates of the current prefill
+        self._row: dict[str, Any] = {}
 
-    def training_settings(self) -> GateTraining:
-        return GateTraining(steps=self.steps, objective=self.objective, window=self.window, lr=self.lr,
-                            hidden=self.hidden, level_steps=self.level_steps, seed=self.calibration_seed)
+    def training(self) -> Training:
+        return Training(steps=self.steps, lr=self.lr, basis_lr=self.basis_lr, seed=self.calibration_seed)
 
     def prepare(self, model: torch.nn.Module, tokenizer: Any, force: bool = False) -> None:
-        """The shared K/V statistics, then the gates: loaded, or trained (progress bar) and saved on first use."""
-        super().prepare(model, tokenizer, force=force)
-        stats = self._require_stats()
-        self.layer_bases = []
-        for layer in range(stats.key_fit.shape[0]):
-            pair = []
-            for kind in ("key", "value"):
-                basis = self.group_bases(layer, kind, stats.kv_heads)[0]
-                moment = getattr(stats, f"{kind}_fit")[layer]
-                pair.append((basis.float(), torch.einsum("dr,de,er->r", basis, moment, basis).clamp_min(0).float()))
-            self.layer_bases.append(LayerBasis(pair[0][0], pair[1][0], pair[0][1], pair[1][1]))
-        self._shares = {}
-        dim = stats.kv_heads * stats.head_dim
-        if not self.adaptive:
-            self.gates = None
+        """``gate=ranker``: the shared statistics and its gates. ``gate=paper``: the calibration text, and the gates
+        of an explicit ``alpha`` (loaded or trained now); gates for a budget are found at its first prefill."""
+        if self.ranker is not None:
+            super().prepare(model, tokenizer, force=force)
+            self.ranker.prepare(model, tokenizer, force=force)
             return
-        settings = self.training_settings()
-        data = calibration.calibration_data(tokenizer, self.calibration_tokens, self.calibration_seed,
-                                            self.data or None, chunk_tokens=self.calibration_chunk_tokens)
-        key = {"gate_training": vars(settings), "calibration_tokens": self.calibration_tokens,
-               "multiple": self.multiple, "data": data.source, "kv_fingerprint": self.calibration_meta.get(
-                   "data_fingerprint")}
-        dtype = next(model.parameters()).dtype
-        element_size = torch.empty((), dtype=dtype).element_size()
+        self.rotary = rotary_module(model)
+        self.library = GateLibrary(model, tokenizer, self.training(), self.tau, self.calibration_tokens,
+                                   self.calibration_seed, self.data, self.calibration_chunk_tokens)
+        self.active = None
+        if self.alpha:
+            self.artifact = self.library.at(self.alpha, force=force).path
 
-        def build() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-            # Held-out chunks (every 8th, as the statistics hold them out) never train the gates.
-            chunks = [c for i, c in enumerate(data.chunks) if i % 8 != 7] or data.chunks
-            gates, curve = train_gates(model, chunks, self.layer_bases, self._training_allocation(element_size),
-                                       settings)
-            return {"loss_curve": curve, "train_chunks": len(chunks), "dim": dim}, gates.state_dict()
+    def calibrate(self, model: torch.nn.Module, tokenizer: Any, force: bool = False) -> Path:
+        self.prepare(model, tokenizer, force=force)
+        if self.library is not None and not self.alpha:
+            self.library.basis()
+            return self.library.basis_path
+        return self.artifact
 
-        template = RankGates(len(self.layer_bases), dim, rank_levels(dim, self.level_steps), self.hidden)
-        specs = {name: TensorSpec(tuple(t.shape), t.is_floating_point()) for name, t in template.state_dict().items()}
-        artifact, self.artifact = artifacts.load_or_build(model, "dynakv-gates", key, data.fingerprint, build,
-                                                          lambda meta: specs, force=force)
-        self.gate_meta = artifact["meta"]
-        gates = template
-        gates.load_state_dict(artifact["tensors"])
-        self.gates = gates.to(next(model.parameters()).device).eval()
-
-    def _training_allocation(self, element_size: int) -> Allocation:
-        """Budget -> per-layer K and V fractions, as ``shares`` gives them at inference (clamped to feasible)."""
-        dim = self.layer_bases[0].key.shape[0]
-        overhead = (POSITION_DTYPE.itemsize + 2 * LEVEL_DTYPE.itemsize) / element_size
-        smallest = (2 + overhead) / (2 * dim)  # one coefficient each for K and V after the metadata
-
-        def fractions(budget: float) -> tuple[list[float], list[float]]:
-            shares = self.shares(round(max(budget, smallest + 1e-3), 3), element_size)
-            return [k / dim for k, _ in shares], [v / dim for _, v in shares]
-
-        return fractions
-
-    def shares(self, budget: float, element_size: int) -> list[tuple[float, float]]:
-        """Per layer, the mean (key, value) coefficients per token that fill ``budget`` of the full bytes.
-
-        Palu's measured allocation (greedy on held-out error curves, ranks in ``multiple``) decides each layer's
-        and K/V's share; it is then scaled to use the budget exactly, after the positions (int32) and rank levels
-        (two uint8) every token stores.
-        """
-        key = (budget, element_size)
-        if key not in self._shares:
-            stats = self._require_stats()
-            layers, dim = stats.key_fit.shape[0], stats.kv_heads * stats.head_dim
-            overhead = (POSITION_DTYPE.itemsize + 2 * LEVEL_DTYPE.itemsize) / element_size
-            capacity = budget * 2 * dim - overhead  # numbers per token per layer
-            if capacity < 2:
-                raise ValueError(f"budget {budget:g} leaves less than one coefficient each for K and V per token "
-                                 f"after dynakv's metadata ({overhead:.2g} numbers per token and layer)")
-            curves = [self.error_curve(i, kind, stats.kv_heads) for i in range(layers) for kind in ("key", "value")]
-            multiple = self.multiple
-            while multiple > 1 and 2 * layers * multiple > capacity * layers:
-                multiple //= 2  # tiny budgets: start every matrix lower than Palu's rounding allows
-            ranks = allocate_ranks(curves, [1] * len(curves), math.floor(capacity * layers), multiple)
-            scale = capacity * layers / sum(ranks)
-            self._shares[key] = [(min(dim, ranks[2 * i] * scale), min(dim, ranks[2 * i + 1] * scale))
-                                 for i in range(layers)]
-        return self._shares[key]
-
-    def compress_kept(self, layer: VariableRankLayer, inputs: LayerInputs, budget: float,
-                      positions: torch.Tensor | None) -> None:
-        from kvbench.methods.dynakv.storage import TokenRanker
-
-        if self.adaptive and self.gates is None:
+    def gates_for(self, model: torch.nn.Module, budget: float) -> Trained:
+        """The trained gates a prefill at ``budget`` uses: the explicit ``alpha``'s, or the α search's."""
+        if self.library is None:
             raise RuntimeError("dynakv is not calibrated: call prepare(model, tokenizer) first")
-        stats = self._require_stats()
-        dim = stats.kv_heads * stats.head_dim
-        key_mean, value_mean = self.shares(budget, layer.keys.element_size())[inputs.layer_idx]
-        levels = rank_levels(dim, self.level_steps)
-        layer.ranker = TokenRanker(self.gates, inputs.layer_idx, self.layer_bases[inputs.layer_idx], levels,
-                                   key_mean, value_mean)
-        codec = self.codec(inputs.layer_idx, stats.kv_heads, dim, dim, layer.keys.device, layer.keys.dtype)
-        layer.to_latent(codec, positions)
+        if self.alpha:
+            return self.library.at(self.alpha)
+        element_size = next(model.parameters()).element_size()
+        with torch.inference_mode(False), torch.enable_grad():
+            return self.library.for_fraction(dims_for_budget(budget, self.library.dim, element_size))
+
+    def prefill_context(self, model: torch.nn.Module, budget: float) -> AbstractContextManager:
+        """Select (on first use: train) the gates for ``budget`` before the compressing forward starts."""
+        if self.ranker is None:
+            self.active = self.gates_for(model, budget)
+            element_size = next(model.parameters()).element_size()
+            overhead = metadata_fraction(self.library.dim, element_size)
+            self._row = {"dynakv_alpha": self.active.alpha, "dynakv_target_budget": budget,
+                         "dynakv_heldout_budget": round(self.active.fraction + overhead, 5),
+                         "dynakv_train_steps": self.active.meta["train_steps"],
+                         "dynakv_train_tokens": self.active.meta["train_tokens"], "dynakv_tau": self.tau}
+        return nullcontext()
+
+    def uniform_ranks(self, layer_idx: int, budget: float, element_size: int) -> tuple[float, float]:
+        """The ablation's mean K and V ranks of a layer: the gates' held-out means, scaled into the budget."""
+        target = dims_for_budget(budget, self.library.dim, element_size)
+        scale = min(1.0, target / max(self.active.fraction, 1e-9))
+        key, value = (float(r) * scale for r in self.active.ranks[layer_idx])
+        return max(key, 1.0), max(value, 1.0)
+
+    def compress_kept(self, layer: CompressedLayer, inputs: LayerInputs, budget: float,
+                      positions: torch.Tensor | None) -> None:
+        if self.ranker is not None:
+            self.ranker.compress_kept(layer, inputs, budget, positions)
+            return
+        if self.active is None:
+            raise RuntimeError("dynakv has no gates for this prefill: compress through kvbench.prefill.prefill")
+        uniform = None if self.adaptive else self.uniform_ranks(inputs.layer_idx, budget, layer.keys.element_size())
+        layer.compress(self.active.gates, inputs.layer_idx, self.tau, self.rotary, positions, uniform)
+
+    def finish(self, cache: Any) -> None:
+        """The budget guard: if the prompt's ranks exceed the budget, one higher threshold for every layer."""
+        if self.ranker is not None:
+            return
+        from kvbench.methods.dynakv.prefix import FIRST
+
+        layers = [layer for layer in cache.layers if getattr(layer, "is_prefix", False)]
+        masks = [m for layer in layers for m in layer.soft_masks()]
+        threshold = self.tau
+        if masks:
+            flat = torch.cat(masks)
+            transient = flat.numel() * flat.element_size()
+            excess = cache.nbytes() - transient - cache.budget * cache.full_nbytes()
+            if excess > 0:
+                element = layers[0].coefficients["key"][0].element_size()
+                capacity = flat.numel() - math.ceil(excess / element)
+                floor = int((flat == FIRST).sum())  # every token keeps its first coefficient
+                if capacity < floor:
+                    raise ValueError(f"budget {cache.budget:g} is below DynaKV's floor (one coefficient of K and of V "
+                                     "per token, plus its rank and position)")
+                threshold = float(torch.kthvalue(flat, flat.numel() - capacity).values)
+        for layer in layers:
+            layer.truncate(threshold)
+        self._row["dynakv_threshold"] = threshold
+
+    def row_fields(self, model: torch.nn.Module) -> dict[str, Any]:
+        fields: dict[str, Any] = {"masked": False, "dynakv_gate": self.gate}
+        return fields | (self._row if self.ranker is None else {})

@@ -1,12 +1,14 @@
-"""Low-rank (dimension) KV caches: latents stored, K/V reconstructed for attention.
+"""Low-rank (dimension) KV caches: latents stored, attention computed from them.
 
 ``LatentLayer`` holds the usual dense layout while the prompt's attention runs (so prefill is exact), and
 ``to_latent`` then replaces it by per-token latents of the *pre-RoPE* keys and of the values (keys are
-un-rotated, projected, and re-rotated at their absolute positions after reconstruction, as Palu does: the
+un-rotated, projected, and re-rotated at their absolute positions when attention needs them, as Palu does: the
 pre-RoPE basis loses about half as much on SmolLM2-135M, see docs/methods/lowrank.md), plus the tokens'
-positions. New tokens (question chunk, decoding) are projected as they arrive, so the cache stays compressed;
-``update`` returns reconstructed, post-RoPE K and V of every held token, which is what transformers' attention
-consumes.
+positions. New tokens (question chunk, decoding) are projected as they arrive, so the cache stays compressed.
+
+Attention never rebuilds the whole history at full width (``LatentLayer.attend``, ``latent_attention.py``):
+values are mixed as latents and projected once per query, keys are rebuilt one bounded chunk at a time. The
+cache holds only the latents and the positions.
 
 ``LowRankCodec`` is one layer's bases, one block per group of KV heads (Palu's groups; DynaKV uses one group
 of all heads). ``LowRankMethod`` (``method.py``), the base of dimension methods, fits them.
@@ -14,12 +16,13 @@ of all heads). ``LowRankMethod`` (``method.py``), the base of dimension methods,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kvbench.layers import LAST_UPDATE, CompressedLayer
 from kvbench.methods.lowrank.allocation import POSITION_DTYPE
+from kvbench.methods.lowrank.latent_attention import LatentBlock, interleaved, latent_attention
 from kvbench.rope import apply_rope, cos_sin, undo_rope
 
 
@@ -36,6 +39,23 @@ class LowRankCodec:
     kv_heads: int
     head_dim: int
     rotary: torch.nn.Module
+    # Per KV head, the rows of its group's basis, transposed: ``[kv_heads, rank, head_dim]``, the form attention
+    # uses (keys with RoPE pairs interleaved, see ``latent_attention``).
+    key_heads_interleaved: torch.Tensor = field(init=False, repr=False)
+    value_heads: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.key_heads_interleaved = interleaved(self._per_head(self.key_basis))
+        self.value_heads = self._per_head(self.value_basis)
+
+    def _per_head(self, basis: torch.Tensor) -> torch.Tensor:
+        groups, _, rank = basis.shape
+        per_group = basis.reshape(groups, self.kv_heads // groups, self.head_dim, rank)
+        return per_group.transpose(-1, -2).reshape(self.kv_heads, rank, self.head_dim).contiguous()
+
+    @property
+    def groups(self) -> int:
+        return self.key_basis.shape[0]
 
     @property
     def key_rank(self) -> int:
@@ -74,7 +94,7 @@ class LowRankCodec:
 
     def decode(self, key_latents: torch.Tensor, value_latents: torch.Tensor, positions: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents -> post-RoPE keys (RoPE re-applied at ``positions``) and values, GQA layout."""
+        """Latents -> post-RoPE keys (RoPE re-applied at ``positions``) and values, GQA layout, at full width."""
         keys = self.lift(key_latents, self.key_basis)
         cos, sin = self.tables(positions, keys.dtype)
         return apply_rope(keys, cos, sin), self.lift(value_latents, self.value_basis)
@@ -84,8 +104,11 @@ class LatentLayer(CompressedLayer):
     """A layer that stores latents after ``to_latent``; dense (``CompressedLayer``) before.
 
     Storage hooks for subclasses (DynaKV's variable-rank buckets): ``store_latents`` appends new tokens'
-    full-width latents, ``held_latents`` returns every held token's latents (zero-padded to a common width)
-    and positions, ``tensors`` lists what is stored. ``update`` and ``nbytes`` use only these.
+    full-width latents; ``latent_blocks`` gives attention the held latents as blocks of one width each (default:
+    one block per kind, from ``held_latents``); ``held_latents`` returns every held token's latents (zero-padded
+    to a common width) and positions, the dense form; ``tensors`` lists what is stored. ``self.positions``
+    (``[batch, held]``, increasing) must stay up to date: attention re-applies RoPE and masks with it. New tokens
+    arrive at the next positions, so a gapless layer (``first_position``) stays gapless.
     """
 
     def __init__(self, **kwargs) -> None:
@@ -94,6 +117,7 @@ class LatentLayer(CompressedLayer):
         self.key_latents: torch.Tensor | None = None
         self.value_latents: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None  # [batch, held] int32
+        self.first_position: int | None = None  # set when every row holds positions first, first + 1, ... (no gaps)
 
     @property
     def is_latent(self) -> bool:
@@ -108,6 +132,9 @@ class LatentLayer(CompressedLayer):
         keys, values = self.keys, self.values
         self.codec = codec
         self.keys = self.values = None
+        first = int(positions[0, 0])
+        gapless = torch.arange(first, first + held, device=positions.device).expand(batch, held)
+        self.first_position = first if first + held == self.seen_tokens and torch.equal(positions, gapless) else None
         self.store_latents(*codec.encode(keys, values, positions), positions)
 
     def store_latents(self, key_latents: torch.Tensor, value_latents: torch.Tensor, positions: torch.Tensor) -> None:
@@ -123,7 +150,14 @@ class LatentLayer(CompressedLayer):
     def held_latents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.key_latents, self.value_latents, self.positions
 
+    def latent_blocks(self) -> tuple[list[LatentBlock], list[LatentBlock]]:
+        """Key blocks and value blocks covering every held token (``LatentBlock``)."""
+        keys, values, _ = self.held_latents()
+        return [LatentBlock(keys)], [LatentBlock(values)]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store the new tokens as latents. Returns empty K/V: ``attend`` computes attention from the latents (an
+        attention function that ignored it would fail loudly on zero keys rather than attend to a wrong set)."""
         if not self.is_latent:
             return super().update(key_states, value_states, *args, **kwargs)
         batch, _, new, _ = key_states.shape
@@ -131,9 +165,16 @@ class LatentLayer(CompressedLayer):
         positions = positions.expand(batch, new)
         self.store_latents(*self.codec.encode(key_states, value_states, positions), positions)
         self.seen_tokens += new
-        keys, values = self.codec.decode(*self.held_latents())
-        LAST_UPDATE.set((self, keys))  # kvbench's attention finds the layer (and its mask) through this
+        keys, values = key_states[..., :0, :], value_states[..., :0, :]
+        LAST_UPDATE.set((self, keys))  # kvbench's attention finds the layer, and calls attend, through this
         return keys, values
+
+    def attend(self, query: torch.Tensor, scaling: float, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.is_latent:
+            return None
+        keys, values = self.latent_blocks()
+        return latent_attention(self.codec, query, scaling, keys, values, self.positions, self.seen_tokens,
+                                self.first_position)
 
     def held_tokens(self) -> int:
         if not self.is_latent:
@@ -154,4 +195,4 @@ class LatentLayer(CompressedLayer):
     def reset(self) -> None:
         super().reset()
         self.codec = None
-        self.key_latents = self.value_latents = self.positions = None
+        self.key_latents = self.value_latents = self.positions = self.first_position = None

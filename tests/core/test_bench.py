@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -11,6 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kvbench import bench, cli, models, runner
 from kvbench.models import enable_compression
 from kvbench.prefill import prepare
+from kvbench.report import costs
+from kvbench.report.render import Table
+from kvbench.report.tables import bandwidth_limit, build_tables, load_bench, load_cells
 from kvbench.results import read_rows
 from kvbench.spec import parse_spec
 
@@ -100,11 +104,56 @@ def test_an_existing_run_is_not_resumed(tmp_path, capsys, no_model_loading) -> N
     assert "bench runs are not resumed" in capsys.readouterr().err
 
 
-def test_bench_command_measures_every_config_side_by_side_and_reports(tmp_path) -> None:
+def test_weights_a_decoding_step_reads() -> None:
+    """Every parameter once; the input embedding table only when it is also the output layer."""
+    shape = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    untied = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False))
+    tied = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=True))
+    total = sum(p.numel() * 4 for p in untied.parameters())
+    assert bench.weights_nbytes(untied) == total - 256 * 64 * 4
+    assert bench.weights_nbytes(tied) == total - 256 * 64 * 4  # the shared table counted once
+    assert bandwidth_limit(300, 100, 0.5) == pytest.approx(400 / 350)
+    assert bandwidth_limit(0, 100, 0.25) == pytest.approx(4.0)  # cache-bound: the limit is 1 / b
+
+
+def _bench_row(method: str, repeat: int, prefill_s: float, decode_s: float, budget: float, kv: int) -> dict:
+    return {"kind": "bench", "run_id": "b", "model": "m", "method": method, "budget": budget, "task": "bench",
+            "sample_id": f"1000/{repeat}", "context_tokens": 1000, "repeat": repeat, "status": "ok", "error": None,
+            "prefill_s": prefill_s, "decode_s": decode_s, "decode_tokens": 10, "kv_bytes": kv,
+            "full_kv_bytes": 1000, "achieved_budget": kv / 1000, "weights_bytes": 3000,
+            "prefill_peak_mem_bytes": 1, "decode_peak_mem_bytes": 1, "peak_mem_kind": "cpu_peak_rss_delta",
+            "masked": False, "query_aware": True}
+
+
+def test_report_sets_decoding_against_its_limit_and_kvbench_beside_kvpress(tmp_path) -> None:
+    rows = [_bench_row("full", r, 1.0, 2.0, 1.0, 1000) for r in range(3)]
+    rows += [_bench_row("snapkv:kernel=5,pooling=avg,window=64", r, 1.0, 1.6, 0.5, 500) for r in range(3)]
+    rows += [_bench_row("kvpress:SnapKVPress", r, 1.5, 1.7, 0.5, 500) for r in range(3)]
+    rows += [_bench_row("knorm", r, 1.0, 1.6, 0.5, 500) for r in range(3)]  # no kvpress counterpart measured
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tables = build_tables(load_cells([tmp_path]), load_bench([tmp_path]))
+    snap = tables.bench.set_index("method").loc["snapkv:kernel=5,pooling=avg,window=64"]
+    # decode 10 / 1.6 s vs full's 10 / 2 s: 1.25x; the limit (3000 + 1000) / (3000 + 500) = 1.143
+    assert snap["decode_limit"] == pytest.approx(4000 / 3500)
+    assert snap["of_limit"] == pytest.approx(1.25 / (4000 / 3500))
+    assert snap["sample_s"] == pytest.approx(2.6)
+    blocks = {tuple(b.header): b.rows for b in costs.bench_section(tables) if isinstance(b, Table)}
+    limits = next(rows for header, rows in blocks.items() if "of limit" in header)
+    assert [r[1] for r in limits] == ["knorm", "kvpress:SnapKVPress", "snapkv:kernel=5,pooling=avg,window=64"]
+    pairs = next(rows for header, rows in blocks.items() if "kvbench / kvpress" in header)
+    assert pairs == [["1000", "snapkv:kernel=5,pooling=avg,window=64", "kvpress:SnapKVPress", "0.500", "2.60",
+                      "3.20", "0.81", "1.00", "1.50", "6.25", "5.88", "500 B", "500 B"]]
+
+
+def test_bench_command_measures_every_config_side_by_side_and_reports(tmp_path, capsys) -> None:
     args = ["bench", "--model", "random:llama-tiny", "--methods", "snapkv", "--budget", "0.5,0.25",
             "--lengths", "64,160", "--decode-tokens", "3", "--repeats", "2", "--warmup", "1",
             "--results-dir", str(tmp_path / "results"), "--reports-dir", str(tmp_path / "reports"), "--run-id", "b"]
     assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("of limit") == 2  # a summary per length, with the bandwidth limit
+    assert re.search(r"snapkv\s+0.250\s", printed) and re.search(r"full\s+1.000\s", printed)
     rows = list(read_rows(tmp_path / "results" / "b" / "results.jsonl"))
     assert len(rows) == 2 * 3 * 2  # lengths x (full + snapkv x 2 budgets) x repeats; warm-up not stored
     assert {r["status"] for r in rows} == {"ok"} and {r["kind"] for r in rows} == {"bench"}
@@ -113,6 +162,8 @@ def test_bench_command_measures_every_config_side_by_side_and_reports(tmp_path) 
         assert row["full_kv_bytes"] == row["context_tokens"] * 512 and row["decode_tokens"] == 3
         assert row["kv_bytes"] == int(row["budget"] * row["context_tokens"]) * 512
         assert row["quality_meaningful"] is False
+        # per layer q, o 64x64, k, v 64x32, MLP 3 x 64x128, 2 norms; final norm; output layer (input table not read)
+        assert row["weights_bytes"] == 4 * (2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64 + 64 * 49152)
     report = (tmp_path / "reports" / "b" / "report.md").read_text()
     assert "## Speed and memory benchmark" in report and "Warning: Random weights" in report
     assert re.search(r"\|\s+160 \| snapkv\s+\|\s+0.250 \|", report) and "## Headline" not in report

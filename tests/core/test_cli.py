@@ -42,7 +42,7 @@ def no_model_loading(monkeypatch):
         (["--methods", "snapkv", "--dtype", "int3"], "unknown dtype 'int3'"),
         (["--methods", "snapkv", "--attn-implementation", "eager"], "'eager' is not supported; valid: sdpa"),
         (["--methods", "snapkv", "--bogus"], "unrecognized arguments: --bogus"),
-        (["--methods", "dynakv:objective=foo"], "dynakv objective must be 'attention' or 'kl'"),
+        (["--methods", "palu:allocation=foo"], "palu allocation must be 'greedy' or 'uniform'"),
         (["--methods", "snapkv+knorm"], "compositions need a dimension method"),
     ],
 )
@@ -83,3 +83,26 @@ def test_list_shows_every_method_task_and_model(capsys):
     out = capsys.readouterr().out
     for name in [*registry.methods(), *registry.tasks(), *models.aliases()]:
         assert f"  {name} " in out
+
+
+def test_usage_names_the_command_as_typed(capsys):
+    parser = cli.build_parser()
+    assert parser.format_usage().startswith("usage: python -m kvbench [-h] {run,")
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m kvbench run [-h]")
+
+
+def test_a_message_with_newlines_or_no_end_is_printed_as_one_bounded_line(capsys, monkeypatch):
+    """Whatever a plugin's error says, the command prints one line of bounded length."""
+    from kvbench import commands
+
+    def noisy(args):
+        raise registry.RegistryError("first line\nsecond line " + "y" * 5000)
+
+    monkeypatch.setitem(cli.COMMANDS, "list", noisy)
+    assert commands.list_all is not noisy
+    assert cli.main(["list"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kvbench: error: first line\\nsecond line yyy")
+    assert len(err) < cli.LONGEST_MESSAGE + 100

@@ -14,7 +14,10 @@ def private_cache(tmp_path, monkeypatch):
 
 
 # Dimension methods train or fit on a few hundred bytes here; their options keep that to seconds.
-FAST = {"dynakv": {"steps": 4, "window": 16}, "palu": {"multiple": 4}}
+FAST = {"dynakv": {"alpha": 1.0, "steps": 2}, "palu": {"multiple": 4},
+        # head profiling: one length and depth (2 decoded tests) instead of HeadKV's 5 x 10 (100)
+        "headkv": {"profile_lengths": 1, "profile_depths": 1},
+        "mixeddimkv-h": {"profile_lengths": 1, "profile_depths": 1}}
 
 
 @pytest.mark.parametrize("name", METHODS.names())

@@ -1,5 +1,5 @@
-"""DynaKV: exact at full rank, physically variable-rank, on budget with its metadata, positions right while
-decoding, composable with SnapKV, and a calibration artifact that round-trips and is refused when stale."""
+"""The paper's DynaKV in the cache: exact at full rank, every stored byte counted, ragged prefixes for real,
+arriving tokens gated and stored, the budget guard, the α search's artifacts, SnapKV composition, options."""
 
 from __future__ import annotations
 
@@ -7,16 +7,19 @@ import json
 
 import pytest
 import torch
+from dynakv_helpers import one_thread  # noqa: F401 - autouse fixture
 from lowrank_helpers import ByteTokenizer, generate, prefill
 from transformers import GenerationConfig
 
 from kvbench.methods.dynakv import DynaKV
-from kvbench.methods.dynakv.storage import VariableRankLayer
+from kvbench.methods.dynakv.library import dims_for_budget, metadata_fraction
+from kvbench.methods.dynakv.prefix import PrefixLayer
 from kvbench.prefill import prepare
-from kvbench.spec import parse_spec
+from kvbench.spec import SpecError, parse_spec
+from kvbench.testing import calibration_file
 
-CALIBRATION_TOKENS = 768  # four chunks of 192 (one held out): the gates train on 144-token prefixes
-TINY = dict(calibration_tokens=CALIBRATION_TOKENS, steps=6, window=32)
+# Four chunks of 384 bytes (one held out) of generated text; gates trained briefly at a fixed α.
+TINY = dict(calibration_tokens=1536, steps=4, lr=0.05, alpha=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -28,32 +31,37 @@ def cache_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def calibrated(cache_root):
-    """One calibrated DynaKV per tiny model, shared by the tests of this module."""
-    methods: dict[int, DynaKV] = {}
+def text(tmp_path_factory) -> str:
+    return str(calibration_file(tmp_path_factory.mktemp("text"), paragraphs=60))
 
-    def get(model) -> DynaKV:
-        if id(model) not in methods:
-            method = DynaKV(**TINY)
+
+@pytest.fixture(scope="module")
+def calibrated(cache_root, text):
+    """A prepared DynaKV per (tiny model, options), shared by the tests of this module."""
+    methods: dict[tuple, DynaKV] = {}
+
+    def get(model, **options) -> DynaKV:
+        key = (id(model), tuple(sorted(options.items())))
+        if key not in methods:
+            method = DynaKV(**(TINY | {"data": text} | options))
             prepare(method, model, ByteTokenizer())
-            methods[id(model)] = method
-        return methods[id(model)]
+            methods[key] = method
+        return methods[key]
 
     return get
 
 
 def dim(model) -> int:
     config = model.config
-    return config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    return config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
 
 
-def test_full_ranks_give_exactly_the_full_cache_output(model, prompt, calibrated, monkeypatch):
-    method = calibrated(model)
-    full = float(dim(model))
-    monkeypatch.setattr(method, "shares", lambda budget, size: [(full, full)] * model.config.num_hidden_layers)
-    cache, logits = prefill(model, prompt, method, 1.0)
-    assert all(isinstance(layer, VariableRankLayer) and layer.keys is None for layer in cache.layers)
-    assert all(int(layer.token_levels["key"].min()) == len(layer.ranker.levels) - 1 for layer in cache.layers)
+def test_full_ranks_reconstruct_the_uncompressed_model_exactly(model, prompt, calibrated):
+    """tau = 0 keeps every coefficient (p > 0 everywhere): x̃ U⁻¹ with RoPE at the true positions is the cache."""
+    method = calibrated(model, tau=0.0)
+    cache, logits = prefill(model, prompt, method, 1.1)  # full rank plus metadata fits 1.1 of the full bytes
+    assert all(isinstance(layer, PrefixLayer) and layer.keys is None for layer in cache.layers)
+    assert all(int(layer.ranks[kind].min()) == dim(model) for layer in cache.layers for kind in ("key", "value"))
     with torch.inference_mode():
         reference_logits = model(prompt).logits
         reference = model.generate(prompt, generation_config=GenerationConfig(
@@ -63,87 +71,108 @@ def test_full_ranks_give_exactly_the_full_cache_output(model, prompt, calibrated
     assert generate(model, prompt, cache, first) == reference[0, 96:].tolist()
 
 
-@pytest.mark.parametrize("budget", [0.5, 0.25, 0.1])
-def test_variable_rank_storage_is_real_and_on_budget(model, prompt, calibrated, budget):
+def expected_bytes(layer: PrefixLayer) -> int:
+    coefficients = sum(int(layer.ranks[kind].long().sum()) for kind in ("key", "value")) * 4  # float32
+    tokens = layer.positions.shape[1]
+    return coefficients + tokens * (4 + 2 * 1)  # int32 position, uint8 K and V ranks
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.25])
+def test_every_stored_byte_is_counted_and_the_budget_holds(model, prompt, calibrated, budget):
     method = calibrated(model)
     cache, logits = prefill(model, prompt, method, budget)
-    achieved = cache.nbytes() / cache.full_nbytes()
-    assert budget - 0.01 <= achieved <= budget, achieved
-    levels = method.layer_bases and cache.layers[0].ranker.levels
+    assert budget - 0.02 <= cache.nbytes() / cache.full_nbytes() <= budget  # the guard cut to the budget
+    fields = method.row_fields(model)
+    assert fields["dynakv_threshold"] > method.tau and fields["dynakv_alpha"] == 2.0 and not fields["masked"]
     ranks_seen = set()
     for layer in cache.layers:
-        measured = sum(t.numel() * t.element_size() for t in layer.tensors())
-        assert layer.nbytes() == measured
+        assert layer.masks is None  # the guard's transient soft masks are gone
+        assert layer.nbytes() == sum(t.numel() * t.element_size() for t in layer.tensors()) == expected_bytes(layer)
         for kind in ("key", "value"):
-            token_levels = layer.token_levels[kind]
-            assert token_levels.dtype == torch.uint8 and token_levels.shape == (1, 96)
-            ranks = levels[token_levels[0].long()]
-            assert layer.coefficients[kind][0].shape == (int(ranks.sum()),)  # exactly the kept prefixes
-            ranks_seen |= set(ranks.tolist())
+            ranks = layer.ranks[kind]
+            assert ranks.dtype == torch.uint8 and ranks.shape == (1, 96) and int(ranks.min()) >= 1
+            assert layer.coefficients[kind][0].shape == (int(ranks.long().sum()),)  # exactly the kept prefixes
+            ranks_seen |= set(ranks[0].tolist())
         assert layer.positions.dtype == torch.int32 and layer.positions[0].tolist() == list(range(96))
-    assert len(ranks_seen) > 2  # the gates give tokens different ranks
-    # Decoding: new tokens are stored as latents too, positions continue, the cache stays within budget.
-    full_per_token = cache.full_nbytes() / 96
+    assert len(ranks_seen) > 3  # tokens keep different ranks
+    # Arriving tokens are gated and stored compressed, at the prompt's threshold; positions continue.
     generated = generate(model, prompt, cache, logits[:, -1].argmax(-1, keepdim=True))
-    assert len(generated) == 9 and cache.get_seq_length() == 104 and cache.held_tokens() == [104] * len(cache.layers)
-    assert all(layer.positions[0].tolist() == list(range(104)) for layer in cache.layers)
-    assert cache.nbytes() <= budget * full_per_token * 104
-
-
-def test_non_adaptive_ablation_gives_every_token_nearly_the_same_rank(llama, prompt, cache_root):
-    method = DynaKV(calibration_tokens=CALIBRATION_TOKENS, adaptive=False)
-    prepare(method, llama, ByteTokenizer())
-    assert method.gates is None
-    cache, _ = prefill(llama, prompt, method, 0.25)
+    assert len(generated) == 9 and cache.held_tokens() == [104] * len(cache.layers)
     for layer in cache.layers:
-        spread = layer.token_levels["key"].max() - layer.token_levels["key"].min()
-        assert int(spread) <= 1
+        assert layer.positions[0].tolist() == list(range(104)) and layer.nbytes() == expected_bytes(layer)
+        assert int(layer.ranks["key"][0, 96:].max()) < dim(model)
 
 
-def test_composition_with_snapkv_selects_then_ranks_and_lands_on_budget(llama, prompt, calibrated):
-    spec = parse_spec("dynakv:calibration_tokens=768,steps=6,window=32+snapkv:window=8")
+def test_a_prompt_within_budget_keeps_the_papers_threshold(llama, prompt, calibrated):
+    method = calibrated(llama)
+    cache, _ = prefill(llama, prompt, method, 1.1)  # the briefly trained gates keep nearly everything
+    assert method.row_fields(llama)["dynakv_threshold"] == method.tau == 0.1
+    assert cache.nbytes() / cache.full_nbytes() <= 1.1
+
+
+def test_non_adaptive_ablation_gives_every_token_of_a_layer_the_same_rank(llama, prompt, calibrated):
+    method = calibrated(llama, adaptive=False)
+    cache, _ = prefill(llama, prompt, method, 0.3)
+    assert cache.nbytes() / cache.full_nbytes() <= 0.3
+    for layer in cache.layers:
+        for kind in ("key", "value"):
+            assert int(layer.ranks[kind].max()) - int(layer.ranks[kind].min()) <= 1
+
+
+def test_budget_below_one_coefficient_per_token_is_refused(llama, prompt, calibrated):
+    with pytest.raises(ValueError, match="floor"):
+        prefill(llama, prompt, calibrated(llama), 0.02)
+
+
+def test_composition_with_snapkv_keeps_one_selection_then_gates_it(llama, prompt, calibrated, text):
+    spec = parse_spec("dynakv+snapkv:window=8,tokens=0.5")
     spec.method.dimension = calibrated(llama)
-    prepare(spec.method, llama, ByteTokenizer())  # loads the calibrated artifact again
-    cache, _ = prefill(llama, prompt, spec.method, 0.1)
-    assert 0.09 <= cache.nbytes() / cache.full_nbytes() <= 0.1
-    kept = cache.layers[0].positions[0]
-    assert len(kept) < 96 and kept.tolist() == sorted(kept.tolist()) and kept[-8:].tolist() == list(range(88, 96))
+    prepare(spec.method, llama, ByteTokenizer())
+    cache, _ = prefill(llama, prompt, spec.method, 0.2)
+    assert cache.nbytes() / cache.full_nbytes() <= 0.2
+    fields = spec.method.row_fields(llama)
+    assert fields["token_fraction"] == 0.5 and fields["dynakv_target_budget"] == pytest.approx(0.4)
+    for layer in cache.layers:
+        kept = layer.positions[0].tolist()
+        assert len(kept) == 48 and kept == sorted(kept) and kept[-8:] == list(range(88, 96))
+        assert layer.nbytes() == expected_bytes(layer)
 
 
-def test_budget_below_the_metadata_is_refused(llama, calibrated):
-    with pytest.raises(ValueError, match="metadata"):
-        calibrated(llama).shares(0.01, 4)
-
-
-def test_artifact_round_trips_and_same_seed_gives_the_same_gates(llama, calibrated, cache_root, monkeypatch):
-    trained = calibrated(llama)
-    import kvbench.methods.dynakv.method as module
-
-    monkeypatch.setattr(module, "train_gates", lambda *a, **k: pytest.fail("a valid artifact was not reused"))
-    again = DynaKV(**TINY)
-    prepare(again, llama, ByteTokenizer())
-    assert again.artifact == trained.artifact
-    assert all(torch.equal(a, b) for a, b in zip(trained.gates.state_dict().values(),
-                                                  again.gates.state_dict().values(), strict=True))
-    meta = json.loads((trained.artifact.parent / "meta.json").read_text())
-    assert len(meta["loss_curve"]) == TINY["steps"] and meta["data_fingerprint"] and meta["settings"]["gate_training"]
-    monkeypatch.undo()
-    retrained = DynaKV(**TINY)
-    retrained.prepare(llama, ByteTokenizer(), force=True)  # calibrating again with the same seed
-    assert all(torch.equal(a, b) for a, b in zip(trained.gates.state_dict().values(),
-                                                  retrained.gates.state_dict().values(), strict=True))
-
-
-def test_stale_or_corrupt_artifact_is_refused_and_recalibrated(llama, calibrated, capsys):
-    path = calibrated(llama).artifact
-    artifact = torch.load(path, weights_only=True)
-    artifact["meta"]["model_fingerprint"] = "another-model"
-    torch.save(artifact, path)
-    method = DynaKV(**TINY)
+def test_alpha_search_trains_one_artifact_per_alpha_and_reuses_them(llama, prompt, cache_root, text, monkeypatch):
+    method = DynaKV(calibration_tokens=1536, data=text, steps=2, lr=0.05)
     prepare(method, llama, ByteTokenizer())
-    assert "was made with another model_fingerprint" in capsys.readouterr().out
-    prepare(DynaKV(**TINY), llama, ByteTokenizer())
-    assert capsys.readouterr().out == ""  # the rebuilt artifact is valid
-    path.write_bytes(b"not an artifact")
-    prepare(DynaKV(**TINY), llama, ByteTokenizer())
-    assert "is unreadable" in capsys.readouterr().out
+    cache, _ = prefill(llama, prompt, method, 0.4)
+    fields = method.row_fields(llama)
+    assert cache.nbytes() / cache.full_nbytes() <= 0.4
+    assert fields["dynakv_target_budget"] == 0.4 and fields["dynakv_train_steps"] == 2
+    assert fields["dynakv_alpha"] == method.active.alpha
+    path = method.active.path
+    meta = json.loads((path.parent / "meta.json").read_text())
+    assert len(meta["loss_curve"]) == 2 and meta["settings"]["alpha"] == fields["dynakv_alpha"]
+    assert len(meta["heldout_ranks"]["0.1"]) == llama.config.num_hidden_layers
+    import kvbench.methods.dynakv.training as training
+
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("a valid artifact was not reused"))
+    again = DynaKV(calibration_tokens=1536, data=text, steps=2, lr=0.05)
+    prepare(again, llama, ByteTokenizer())
+    prefill(llama, prompt, again, 0.4)
+    assert again.active.path == path and again.row_fields(llama) == fields
+    assert all(torch.equal(a, b) for a, b in zip(method.active.gates.parameters(), again.active.gates.parameters(),
+                                                  strict=True))
+
+
+def test_budget_targets_the_dimensions_left_after_the_metadata():
+    assert metadata_fraction(192, 4) == pytest.approx(6 / 1536)
+    assert metadata_fraction(1024, 2) == pytest.approx(8 / 4096)  # int16 ranks beyond 255 dimensions
+    assert dims_for_budget(0.3, 192, 4) == pytest.approx(0.3 - 6 / 1536)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("dynakv:window=8", "window applies to gate=ranker only"),
+    ("dynakv:gate=ranker,alpha=2", "alpha applies to gate=paper only"),
+    ("dynakv:gate=pca", "gate must be 'paper' or 'ranker'"),
+    ("dynakv:tau=1", "0 <= tau < 1"),
+])
+def test_options_of_the_other_variant_are_refused(text, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(text)

@@ -125,3 +125,68 @@ def test_press_options_and_errors():
         parse_spec("kvpress:AdaKVPress")
     with pytest.raises(SpecError, match="unknown option"):
         parse_spec("kvpress:SnapKVPress:window=3")
+
+
+def positions(cache, full) -> list[list[set[int]]]:
+    """Per layer and KV head, the prompt positions held, matched to the nearest full-cache key (kvpress runs eager
+    attention, kvbench sdpa: the keys of later layers agree to float rounding, not bit for bit)."""
+    found = []
+    for layer, reference in zip(cache.layers, full.layers, strict=True):
+        heads = []
+        for head, ref in zip(layer.keys[0], reference.keys[0], strict=True):
+            exact = "donot_use_mm_for_euclid_dist"  # the matmul shortcut's rounding is larger than the difference
+            distance, match = torch.cdist(head.float(), ref.float(), compute_mode=exact).min(dim=-1)
+            assert float(distance.max()) < 1e-4 * float(ref.norm(dim=-1).min())
+            heads.append(set(match.tolist()))
+        found.append(heads)
+    return found
+
+
+KVCOMPOSE_SETTINGS = ["", "agg_task=mean", "agg_group=max", "agg_head=max", "add_mean_across_heads=false",
+                      "keep_token_lower_bound=5"]
+
+
+@needs_kvpress
+@pytest.mark.parametrize("settings", KVCOMPOSE_SETTINGS, ids=lambda s: s or "defaults")
+@pytest.mark.parametrize("budget", [0.5, 0.25])
+def test_kvcompose_keeps_the_tokens_of_kvpress_kvcompose_press(model, settings, budget):
+    """Same per-layer lengths and, in every layer and KV head, the same token positions as KVComposePress (kvpress
+    0.5.5, called as its pipeline does: the press around a prefill of the context into a DynamicCache)."""
+    from kvpress import KVComposePress
+    from transformers import DynamicCache
+
+    prompt = torch.randint(0, VOCAB, (1, N), generator=torch.Generator().manual_seed(15))
+    full = prefill(model, prompt, Full(), 1.0)
+    mine = prefill(model, prompt, parse_spec("kvcompose" + (":" + settings if settings else "")).method, budget)
+    options = parse_spec("kvcompose" + (":" + settings if settings else "")).explicit
+    press, theirs = KVComposePress(compression_ratio=1.0 - budget, **dict(options)), DynamicCache(config=model.config)
+    with torch.no_grad(), press(model):
+        model(prompt, past_key_values=theirs)
+    assert [layer.keys.shape for layer in mine.layers] == [layer.keys.shape for layer in theirs.layers]
+    assert positions(mine, full) == positions(theirs, full)
+
+
+@needs_kvpress
+def test_kvpress_kvcompose_bugs_that_kvbench_does_not_reproduce(llama):
+    """What kvpress 0.5.5's KVComposePress does, run here: value-norm weighting fails (it multiplies n scores by the
+    norms of the 2n-token cache); the unstructured variant leaves the re-fed copy of the context in the cache,
+    unmasked (2n tokens per layer); with a batch of two it returns a cache of the first row only."""
+    from kvpress import KVComposePress
+    from transformers import DynamicCache
+
+    prompt = torch.randint(0, VOCAB, (2, N), generator=torch.Generator().manual_seed(16))
+    with pytest.raises(RuntimeError, match="size of tensor"), torch.no_grad(), \
+            KVComposePress(compression_ratio=0.75, add_v_norm=True)(llama):
+        llama(prompt[:1], past_key_values=DynamicCache(config=llama.config))
+    cache = DynamicCache(config=llama.config)
+    with torch.no_grad(), KVComposePress(compression_ratio=0.75, structured=False)(llama):
+        llama(prompt[:1], past_key_values=cache)
+    assert [layer.keys.shape[2] for layer in cache.layers] == [2 * N] * llama.config.num_hidden_layers
+    for module in llama.model.layers:
+        del module.self_attn.masked_key_indices  # kvpress's masking patch would apply to the next tests
+    cache = DynamicCache(config=llama.config)
+    with torch.no_grad(), KVComposePress(compression_ratio=0.75)(llama):
+        llama(prompt, past_key_values=cache)
+    assert cache.layers[0].keys.shape[0] == 1
+    ours = prefill(llama, prompt[:1], parse_spec("kvcompose:add_v_norm=true").method, 0.25)
+    assert ours.nbytes() <= 0.25 * ours.full_nbytes()

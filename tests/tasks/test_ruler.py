@@ -112,7 +112,7 @@ def test_qa_1_never_reads_calibration_articles(samples):
 
 def test_cli_runs_ruler_subtasks(tmp_path, capsys):
     args = ["run", "--model", "random:llama-tiny", "--methods", "snapkv", "--budget", "0.5", "--no-reference",
-            "--tasks", "ruler:niah_single_1,vt", "--lengths", "400", "--max-samples", "1",
+            "--tasks", "ruler:niah_single_1,vt", "--lengths", "600", "--max-samples", "1",
             "--results-dir", str(tmp_path / "results"), "--reports-dir", str(tmp_path / "reports"), "--run-id", "r"]
     assert cli.main(args) == 0
     rows = list(read_rows(tmp_path / "results" / "r" / "results.jsonl"))

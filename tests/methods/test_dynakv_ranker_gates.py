@@ -1,9 +1,11 @@
-"""DynaKV's gates: rank allocation on budget, decoding within budget, gradients, seeded init, training helps."""
+"""``dynakv:gate=ranker``'s gates: rank allocation on budget, decoding within budget, gradients, seeded init,
+training helps."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from dynakv_helpers import one_thread  # noqa: F401 - autouse fixture
 from lowrank_helpers import ByteTokenizer
 
 from kvbench.calibration import calibration_data
@@ -105,12 +107,12 @@ def test_trained_gates_lose_less_than_untrained_ones_at_the_same_budget():
     """Training reduces the held-out next-token KL against the uncompressed model, by a clear margin, and beats
     token-uniform ranks under the same per-layer allocation (deterministic: seeded init, budgets and data)."""
     model = peaked_tiny_llama()
-    method = DynaKV(calibration_tokens=1536, adaptive=False)
+    method = DynaKV(gate="ranker", calibration_tokens=1536, adaptive=False)
     prepare(method, model, ByteTokenizer())  # the shared statistics and bases only
-    bases: list[LayerBasis] = method.layer_bases
+    bases: list[LayerBasis] = method.ranker.layer_bases
     data = calibration_data(ByteTokenizer(), 4096, seed=0, chunk_tokens=128)
     settings = GateTraining(steps=150, window=32, steps_per_chunk=2, lr=3e-3, seed=0)
-    allocation = method._training_allocation(4)
+    allocation = method.ranker.training_allocation(4)
     trained, curve = train_gates(model, data.chunks[:-4], bases, allocation, settings, progress=False)
     untrained = RankGates(len(bases), 32, rank_levels(32), settings.hidden, seed=0)
     assert len(curve) == settings.steps and all(point["loss"] >= 0 for point in curve)
@@ -125,12 +127,13 @@ def test_trained_gates_lose_less_than_untrained_ones_at_the_same_budget():
 
 
 def test_kl_objective_trains_through_the_frozen_model(llama):
-    method = DynaKV(calibration_tokens=384, adaptive=False)
+    method = DynaKV(gate="ranker", calibration_tokens=384, adaptive=False)
     prepare(method, llama, ByteTokenizer())
     data = calibration_data(ByteTokenizer(), 384, seed=0, chunk_tokens=128)
     settings = GateTraining(steps=2, objective="kl", window=32, steps_per_chunk=1, seed=0)
-    before = RankGates(len(method.layer_bases), 32, rank_levels(32), settings.hidden, seed=0).state_dict()
-    gates, curve = train_gates(llama, data.chunks, method.layer_bases, method._training_allocation(4), settings,
+    before = RankGates(len(method.ranker.layer_bases), 32, rank_levels(32), settings.hidden, seed=0).state_dict()
+    gates, curve = train_gates(llama, data.chunks, method.ranker.layer_bases, method.ranker.training_allocation(4),
+                               settings,
                                progress=False)
     assert [point["step"] for point in curve] == [0, 1] and all(point["loss"] >= 0 for point in curve)
     assert not all(torch.equal(before[k], v) for k, v in gates.state_dict().items())

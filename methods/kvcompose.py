@@ -1,0 +1,238 @@
+"""KVCompose (Akulov et al., 2025, "KVCompose: Efficient Structured KV Cache Compression with Composite Tokens",
+arXiv 2509.05165), as its reference implementation (kvpress 0.5.5's ``KVComposePress``, by the first author) runs.
+
+Training-free, at prefill, with one budget for the whole model:
+
+1. *Task attention.* Every query head scores each context token by the softmax attention that the task's queries
+   give it, reduced over those queries (``agg_task``, the reference's max). ``task=refeed`` (the reference's
+   behaviour): the compressed input is fed a second time as the task, continuing the cache at positions
+   n..2n-1, so the task queries are a second reading of the whole input; in query-aware cells the input ends with
+   the question, in query-agnostic cells it is the context alone. Cost: a second forward over the input (about
+   twice the prefill compute) and, while it runs, a cache of 2n tokens per layer (the re-fed half is dropped
+   after). ``task=window``: the last ``window`` queries of the compressing forward are the task (in a query-aware
+   cell, the question's tokens), at no extra forward.
+2. The query heads of a GQA group are reduced to their KV head (``agg_group``, mean); optionally each score is
+   multiplied by the token's value norm (``add_v_norm``); the mean over a layer's KV heads is added to each head
+   (``add_mean_across_heads``, on by default).
+3. *Composite scores.* Each KV head's scores are sorted in descending order and position j is reduced across the
+   layer's heads (``agg_head``, mean): the layer's j-th composite token is every head's j-th best token. Layer 0
+   takes the element-wise max over layers, so it never keeps fewer tokens than another layer.
+4. *Global allocation.* The top ``floor(budget x layers x tokens)`` composite scores across all layers are kept;
+   the number falling in layer l is its length B_l (at least ``max(1, keep_token_lower_bound)``, as in 0.5.5).
+5. Each KV head keeps its own top B_l tokens in positional order, stacked into one dense
+   ``[batch, kv_heads, B_l, head_dim]`` tensor per layer (keys post-RoPE; later tokens get their true positions).
+
+``structured=false`` is the reference's unstructured variant: one global ranking of every (layer, KV head)'s
+sorted scores gives each head its own count. kvpress only masks it; here it is stored packed per head, like
+``adakv``, and every head keeps at least one token. Scoring runs in chunks of queries (never a tokens x tokens
+matrix). Differences from kvpress 0.5.5, all fixes of its behaviours: scores are per batch row (kvpress maxes over
+the batch); ``add_v_norm`` uses the context's values (kvpress multiplies by the norms of a 2n-token cache and fails);
+the unstructured variant removes tokens instead of masking them and keeps no re-fed copy; kvbench's attention is
+sdpa, kvpress's eager, so scores agree to float rounding. With batch > 1 the per-layer lengths come from the
+batch-mean composite scores (a layer's tensor has one length).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from kvbench.methods.base import LayerInputs, Method
+
+if TYPE_CHECKING:
+    from kvbench.layers import CompressedLayer
+
+AGGREGATIONS = ("max", "mean")
+TASKS = ("refeed", "window")
+CHUNK_ELEMENTS = 1 << 24  # attention probabilities computed at once: 64 MB in float32
+BOOST = 1e9  # added to the first keep_token_lower_bound ranks, as in the reference
+
+
+def task_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float, n_context: int,
+                   reduce: str) -> torch.Tensor:
+    """``[batch, heads, n_context]``: each query head's softmax attention on the first ``n_context`` keys, reduced
+    (max or mean) over ``queries`` ``[batch, heads, q, dim]``, which are the last ``q`` of ``keys``
+    ``[batch, kv_heads, m, dim]`` (causal). Probabilities are normalised over every visible key, as eager attention
+    does; a chunk of queries at a time (a max is taken on log-probabilities, then exponentiated once)."""
+    batch, heads, q_len, head_dim = queries.shape
+    kv_heads, m = keys.shape[1], keys.shape[2]
+    grouped = queries.float().reshape(batch, kv_heads, heads // kv_heads, q_len, head_dim) * scaling
+    keys = keys.float().transpose(-1, -2)[:, :, None]  # [batch, kv_heads, 1, dim, m]
+    chunk = max(1, CHUNK_ELEMENTS // (heads * m * batch))
+    positions = torch.arange(m, device=keys.device)
+    out = None
+    for start in range(0, q_len, chunk):
+        end = min(start + chunk, q_len)
+        logits = grouped[:, :, :, start:end] @ keys  # [batch, kv_heads, group, chunk, m]
+        logits.masked_fill_(positions > positions[m - q_len + start:m - q_len + end, None], float("-inf"))
+        if reduce == "max":
+            part = logits[..., :n_context].sub_(logits.logsumexp(dim=-1, keepdim=True)).amax(dim=3).exp_()
+        else:
+            part = logits.softmax(dim=-1)[..., :n_context].sum(dim=3)
+        out = part if out is None else torch.maximum(out, part) if reduce == "max" else out + part
+    out = out if reduce == "max" else out / q_len
+    return out.reshape(batch, heads, n_context)
+
+
+def reduce(scores: torch.Tensor, how: str, dim: int) -> torch.Tensor:
+    return scores.amax(dim=dim) if how == "max" else scores.mean(dim=dim)
+
+
+@dataclass
+class KVCompose(Method):
+    name: ClassVar[str] = "kvcompose"
+    family: ClassVar[str] = "token"
+    summary: ClassVar[str] = ("composite tokens: per-head task attention, rank-aligned across heads, one global "
+                              "allocation over layers (Akulov et al. 2025)")
+    uses_queries: ClassVar[bool] = True
+    uniform: ClassVar[bool] = False  # per-layer lengths: not usable inside a composition
+
+    structured: bool = True
+    agg_task: str = "max"
+    agg_group: str = "mean"
+    agg_head: str = "mean"
+    add_v_norm: bool = False
+    add_mean_across_heads: bool = True
+    keep_token_lower_bound: int = 0
+    task: str = "refeed"
+    window: int = 32
+
+    def __post_init__(self) -> None:
+        for option in ("agg_task", "agg_group", "agg_head"):
+            if getattr(self, option) not in AGGREGATIONS:
+                raise ValueError(f"kvcompose {option} must be one of {', '.join(AGGREGATIONS)}")
+        if self.task not in TASKS:
+            raise ValueError(f"kvcompose task must be one of {', '.join(TASKS)}")
+        if self.keep_token_lower_bound < 0 or self.window < 1:
+            raise ValueError("kvcompose needs keep_token_lower_bound >= 0 and window >= 1")
+        self._model: weakref.ref | None = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self._task_scores: dict[int, torch.Tensor] = {}  # layer -> [batch, heads, n] reduced task attention
+        self._input_ids: torch.Tensor | None = None
+        self._n_context = 0
+        self._recording = False
+
+    def layer_class(self) -> type[CompressedLayer]:
+        from kvbench.layers import CompressedLayer, PerHeadLayer
+
+        return CompressedLayer if self.structured else PerHeadLayer
+
+    def prepare(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        self._model = weakref.ref(model)  # the task pass runs the model again after the compressing forward
+
+    @contextmanager
+    def prefill_context(self, model: torch.nn.Module, budget: float) -> Iterator[None]:
+        """Records the compressed input's ids (the task pass re-feeds them); clears the per-prompt state after."""
+        self._clear()
+
+        def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._input_ids is None:
+                self._input_ids = args[0] if args else kwargs.get("input_ids")
+
+        hook = model.register_forward_pre_hook(record, with_kwargs=True) if self.task == "refeed" else None
+        try:
+            yield
+        finally:
+            if hook is not None:
+                hook.remove()
+            self._clear()
+
+    @property
+    def decoding(self) -> bool:
+        """True only while the task pass runs: kvbench's attention then hands each layer's queries to decode_step."""
+        return self._recording
+
+    def compress(self, layer: CompressedLayer, inputs: LayerInputs, budget: float) -> None:
+        """Nothing is evicted here (the allocation needs every layer); ``task=window`` scores now."""
+        self._n_context = inputs.keys.shape[2]
+        if budget < 1.0 and self.task == "window":
+            window = min(self.window, inputs.queries.shape[2])
+            self._task_scores[inputs.layer_idx] = task_attention(
+                inputs.queries[:, :, -window:], inputs.keys, inputs.scaling, self._n_context, self.agg_task)
+
+    def decode_step(self, layer: CompressedLayer, queries: torch.Tensor, layer_idx: int, scaling: float,
+                    budget: float, seed: int) -> None:
+        """Task pass: the re-fed tokens' attention on the context (the layer now holds context + task keys)."""
+        if self._recording:
+            self._task_scores[layer_idx] = task_attention(queries, layer.keys, scaling, self._n_context,
+                                                          self.agg_task)
+
+    def finish(self, cache: Any) -> None:
+        if cache.budget >= 1.0:
+            return
+        if self.task == "refeed":
+            self._refeed(cache)
+        scores = self.head_scores(cache)
+        if self.structured:
+            lengths = self.layer_lengths(scores, cache.budget)
+            for layer, layer_scores, length in zip(cache.layers, scores, lengths, strict=True):
+                if length < self._n_context:
+                    layer.keep(layer_scores.topk(length, dim=-1).indices.sort(dim=-1).values)
+        else:
+            counts = self.head_lengths(scores, cache.budget)  # [layers, batch, kv_heads]
+            for layer, layer_scores, layer_counts in zip(cache.layers, scores, counts, strict=True):
+                indices = [head.topk(int(count)).indices.sort().values
+                           for head, count in zip(layer_scores.flatten(0, 1), layer_counts.flatten(), strict=True)]
+                layer.keep_per_head(indices)
+
+    def _refeed(self, cache: Any) -> None:
+        from kvbench.prefill import cache_arguments
+
+        model = self._model() if self._model is not None else None
+        if model is None or self._input_ids is None:
+            raise RuntimeError("kvcompose task=refeed needs prepare(model, tokenizer) and the prefill's input ids")
+        self._recording = True
+        try:
+            model(self._input_ids, **cache_arguments(model, cache), logits_to_keep=1)
+        finally:
+            self._recording = False
+        for layer in cache.layers:
+            layer.crop(self._n_context - layer.held_tokens())  # drop the re-fed copy: the context stays
+
+    def head_scores(self, cache: Any) -> torch.Tensor:
+        """``[layers, batch, kv_heads, n]``: task attention per KV head, enhanced as configured."""
+        per_layer = []
+        for index, layer in enumerate(cache.layers):
+            task = self._task_scores[index]
+            batch, heads, n = task.shape
+            kv_heads = layer.keys.shape[1]
+            scores = reduce(task.reshape(batch, kv_heads, heads // kv_heads, n), self.agg_group, dim=2)
+            if self.add_v_norm:
+                scores = scores * layer.values[:, :, :n].float().norm(dim=-1)
+            if self.add_mean_across_heads:
+                scores = scores + scores.mean(dim=1, keepdim=True)
+            per_layer.append(scores)
+        return torch.stack(per_layer)
+
+    def layer_lengths(self, scores: torch.Tensor, budget: float) -> list[int]:
+        """B_l per layer from the global top-k of the composite scores (structured)."""
+        layers, _, _, n = scores.shape
+        ranked = scores.sort(dim=-1, descending=True).values  # [layers, batch, kv_heads, n]
+        composite = reduce(ranked, self.agg_head, dim=2).mean(dim=1)  # [layers, n]
+        composite[:, :self.keep_token_lower_bound] += BOOST
+        composite[0] = composite.max(dim=0).values
+        n_kept = max(1, math.floor(budget * layers * n + 1e-9))
+        kept = composite.flatten().topk(min(n_kept, composite.numel())).indices // n
+        counts = torch.bincount(kept, minlength=layers).clamp(min=max(1, self.keep_token_lower_bound), max=n)
+        return counts.tolist()
+
+    def head_lengths(self, scores: torch.Tensor, budget: float) -> torch.Tensor:
+        """``[layers, batch, kv_heads]`` counts from one ranking of every head's sorted scores (unstructured)."""
+        layers, batch, kv_heads, n = scores.shape
+        ranked = scores.sort(dim=-1, descending=True).values
+        ranked[..., :self.keep_token_lower_bound] += BOOST
+        n_kept = max(1, math.floor(budget * layers * kv_heads * n + 1e-9))
+        counts = torch.empty(layers, batch, kv_heads, dtype=torch.long)
+        for b in range(batch):
+            flat = ranked[:, b].flatten()
+            heads = flat.topk(min(n_kept, flat.numel())).indices // n
+            counts[:, b] = torch.bincount(heads, minlength=layers * kv_heads).reshape(layers, kv_heads)
+        return counts.clamp(min=max(1, self.keep_token_lower_bound), max=n)
