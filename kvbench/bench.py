@@ -19,12 +19,10 @@ the compressing forward), so kvbench's methods and kvpress's are timed side by s
 
 from __future__ import annotations
 
-import gc
 import platform
 import shlex
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -190,26 +188,13 @@ def run_bench(config: BenchConfig) -> Path:
     return config.run_dir
 
 
-@contextmanager
-def frozen_objects() -> Iterator[None]:
-    """Exempt every object alive now (the model, the libraries) from garbage collection until the block ends: peak
-    memory measurements collect garbage before each measurement, which otherwise rescans them every time (seconds
-    per measurement on CPU)."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def _measure_all(config: BenchConfig, store: ResultsStore) -> None:
     model, tokenizer = load_prepared(config.model, config.device, config.dtype, config.attn_implementation,
                                      config.methods)
     configs = config.configs()
     weights = weights_nbytes(model)
     total = len(config.lengths) * len(configs) * (config.warmup + config.repeats)
-    with frozen_objects(), tqdm(total=total, unit="measurement", desc="kvbench bench", dynamic_ncols=True) as progress:
+    with tqdm(total=total, unit="measurement", desc="kvbench bench", dynamic_ncols=True) as progress:
         for length in config.lengths:
             prompt = random_prompt(model.config.vocab_size, tokenizer.all_special_ids, length, config.seed)
             failed: set[tuple[str, float]] = set()

@@ -37,5 +37,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def undo_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``apply_rope`` for the same tables, scaling included."""
-    return (x * cos - _rotate_half(x) * sin) / (cos * cos + sin * sin)
+    """The inverse of ``apply_rope`` for the same tables, scaling included (divided out of the tables, which are
+    smaller than ``x`` by its number of heads)."""
+    scale = 1 / (cos * cos + sin * sin)
+    return x * (cos * scale) - _rotate_half(x) * (sin * scale)

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvbench.evaluate import Cell, evaluate_cell
+from kvbench.measure import freeze_loaded
 from kvbench.models import ModelRef, load, load_tokenizer
 from kvbench.prefill import prepare
 from kvbench.provenance import device_name, git_commit, package_version
@@ -158,6 +159,7 @@ def load_prepared(ref: ModelRef, device: str, dtype: torch.dtype, attn_implement
     model, tokenizer = load(ref, device, dtype, attn_implementation, device_map=device_map, tokenizer=tokenizer)
     for spec in methods:
         prepare(spec.method, model, tokenizer)
+    freeze_loaded()
     return model, tokenizer
 
 

@@ -67,22 +67,23 @@ class ExpectedAttention(TokenMethod):
         keys, values = inputs.keys.float(), inputs.values.float()
         batch, kv_heads, n_tokens, head_dim = keys.shape
         q_len = inputs.queries.shape[2]
-        positions = torch.arange(inputs.n_seen - q_len, inputs.n_seen, device=keys.device)
+        first = inputs.n_seen - q_len  # position of the first query
+        skip = min(q_len, max(0, self.n_sink - first))  # the sinks' own queries do not predict future ones
+        positions = torch.arange(first + skip, inputs.n_seen, device=keys.device)
         cos, sin = (t.float() for t in cos_sin(self._rotary, positions, torch.float32))
-        queries = undo_rope(inputs.queries.float(), cos, sin)[:, :, positions >= self.n_sink]
+        queries = undo_rope(inputs.queries[:, :, skip:].float(), cos, sin)
         mean = queries.mean(dim=2)  # [batch, heads, head_dim]
         rotation = self._rotation(inputs.n_seen, head_dim, keys.device)
-        mean = mean @ rotation.T
         sinks = min(self.n_sink, n_tokens)
         keys, values = keys[:, :, sinks:], values[:, :, sinks:]
-        mean = mean.reshape(batch, kv_heads, inputs.group_size, head_dim)
-        logits = torch.einsum("bhgd,bhtd->bhgt", mean, keys) * inputs.scaling
+        grouped = (mean @ rotation.T).reshape(batch, kv_heads, inputs.group_size, head_dim)
+        logits = grouped @ keys.transpose(-1, -2) * inputs.scaling  # [batch, kv_heads, group, tokens]
         if self.use_covariance:
-            centered = queries - queries.mean(dim=2, keepdim=True)
-            cov = torch.einsum("bnsi,bnsj->bnij", centered, centered) / centered.shape[2]
-            cov = rotation @ cov @ rotation.T
+            moment = queries.transpose(-1, -2) @ queries / queries.shape[2]
+            cov = rotation @ (moment - mean.unsqueeze(-1) * mean.unsqueeze(-2)) @ rotation.T
             cov = cov.reshape(batch, kv_heads, inputs.group_size, head_dim, head_dim)
-            logits = logits + torch.einsum("bhti,bhgij,bhtj->bhgt", keys, cov, keys) * inputs.scaling ** 2 / 2
+            spread = ((keys.unsqueeze(2) @ cov) * keys.unsqueeze(2)).sum(-1)  # k^T C k per group and token
+            logits = logits + spread * inputs.scaling ** 2 / 2
         scores = logits.softmax(dim=-1).mean(dim=2)
         if self.use_vnorm:
             scores = (scores + self.epsilon) * values.norm(dim=-1)

@@ -31,7 +31,8 @@ def test_options_are_typed_and_canonical_drops_defaults():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("snapk", "unknown method 'snapk'; valid methods: adakv, .*full, h2o, .*keydiff, knorm, .*snapkv, streamingllm"),
+        ("snapk", "unknown method 'snapk'; valid methods: adakv, .*full, h2o, .*keydiff, knorm, .*snapkv, "
+                  "streamingllm"),
         ("snapkv:windo=3", "unknown option 'windo'; valid options: decoding, interval, kernel, pooling, window"),
         ("snapkv:window=abc", "option window needs an int"),
         ("snapkv:kernel=4", "odd kernel"),
