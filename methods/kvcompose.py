@@ -7,10 +7,11 @@ Training-free, at prefill, with one budget for the whole model:
    give it, reduced over those queries (``agg_task``, the reference's max). ``task=refeed`` (the reference's
    behaviour): the compressed input is fed a second time as the task, continuing the cache at positions
    n..2n-1, so the task queries are a second reading of the whole input; in query-aware cells the input ends with
-   the question, in query-agnostic cells it is the context alone. Cost: a second forward over the input (about
-   twice the prefill compute) and, while it runs, a cache of 2n tokens per layer (the re-fed half is dropped
-   after). ``task=window``: the last ``window`` queries of the compressing forward are the task (in a query-aware
-   cell, the question's tokens), at no extra forward.
+   the question, in query-agnostic cells it is the context alone. Cost: a second forward over the input, over a
+   cache of 2n tokens per layer while it runs (the re-fed half is dropped after), plus the explicit float32
+   task attention of n queries on up to 2n keys per layer; on a CPU that scoring outweighs the forward (about 5x
+   the prefill time of ``full`` at 2K tokens). ``task=window``: the last ``window`` queries of the compressing
+   forward are the task (in a query-aware cell, the question's tokens), at no extra forward.
 2. The query heads of a GQA group are reduced to their KV head (``agg_group``, mean); optionally each score is
    multiplied by the token's value norm (``add_v_norm``); the mean over a layer's KV heads is added to each head
    (``add_mean_across_heads``, on by default).

@@ -154,7 +154,6 @@ class LmEvalTask(Task):
             fields["loglikelihoods"] = [request.resps[0][0] for request in answered]
         return fields
 
-
     def _document(self, sample: Sample) -> tuple[Any, dict, list]:
         """The lm-eval task, document and requests of a sample; an instance that built no samples (a Ray actor's)
         builds its leaf's requests here: lm-eval draws few-shot examples document after document, so the first N

@@ -9,9 +9,11 @@ from α = 1 until the target is bracketed, then interpolates inside the bracket,
 held-out rate is within 1 % below or 3 % above the target (of the full size), or when the bracket is one grid
 step wide. The α used (``choose``) keeps the paper's rule whenever a rate within 1 % below the target was
 found; otherwise it is the nearest α above the target, and the method's budget guard (``DynaKV.finish``) raises
-the threshold of each prompt just enough. Each probe costs one training run, so a search costs a few.
+the threshold of each prompt just enough. Each probe costs one training run, so a search costs a few. A search's
+outcome (every probe's α and held-out rate, and the α chosen) is an artifact of its own (``dynakv-alpha``, a few
+hundred bytes), so a later run, or a package shipping artifacts, needs only that record and the chosen α's gates.
 
-The covariance basis that initialises ``U`` is an artifact of its own, shared by every α.
+The covariance basis that initialises ``U`` is an artifact of its own, shared by every α and needed only to train.
 """
 
 from __future__ import annotations
@@ -122,6 +124,8 @@ class GateLibrary:
         self._basis: torch.Tensor | None = None
         self._trained: dict[float, Trained] = {}
         self.basis_path: Path | None = None
+        self._searches: dict[float, dict[str, Any]] = {}
+        self.search: dict[str, Any] = {}  # the record of the last α search (``for_fraction``)
 
     def basis(self) -> torch.Tensor:
         """``[layers, 2, d, d]``: the PCA eigenvectors of the K and V covariance on the training chunks."""
@@ -144,7 +148,6 @@ class GateLibrary:
         alpha = float(f"{alpha:.6g}")
         if alpha in self._trained and not force:
             return self._trained[alpha]
-        basis = self.basis()
         key = {"alpha": alpha, "training": self.settings.key(), **self.data_key}
         device = next(self.model.parameters()).device
 
@@ -153,7 +156,7 @@ class GateLibrary:
 
             gates = SpectralGates(self.layers, self.dim).to(device)
             with torch.no_grad():
-                gates.basis.copy_(basis)
+                gates.basis.copy_(self.basis())  # the covariance basis is needed to train, not to load
             curve = train(self.model, gates, self.fit, alpha, self.settings)
             ranks = heldout_ranks(self.model, gates, self.heldout, self.tau)
             tokens = sum(self.fit[i % len(self.fit)].shape[1] for i in range(self.settings.steps))
@@ -186,8 +189,30 @@ class GateLibrary:
         if fraction * self.dim < 1:
             raise ValueError(f"DynaKV keeps at least one coefficient per token: a rate of {fraction:.3g} of "
                              f"{self.dim} dimensions is below it")
-        index = search_index(lambda i: self.at(alpha_at(i)).fraction, fraction)
-        return self.at(alpha_at(index))
+        key = {"target": round(fraction, 6), "tau": self.tau, "training": self.settings.key(), **self.data_key}
+        if key["target"] in self._searches:
+            self.search = self._searches[key["target"]]
+            return self.at(self.search["alpha"])
+
+        def build() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+            probes: dict[int, float] = {}
+
+            def rate(index: int) -> float:
+                probes[index] = self.at(alpha_at(index)).fraction
+                return probes[index]
+
+            chosen = alpha_at(search_index(rate, key["target"]))
+            table = torch.tensor([[alpha_at(i), r] for i, r in sorted(probes.items())], dtype=torch.float64)
+            seconds = sum(self.at(alpha_at(i)).meta.get("calibration_s", 0.0) for i in probes)
+            return {"alpha": float(f"{chosen:.6g}"), "probes": table.tolist(), "search_s": round(seconds, 1)}, {
+                "probes": table}
+
+        record, _ = artifacts.load_or_build(self.model, "dynakv-alpha", key, self.data.fingerprint, build,
+                                            lambda meta: {"probes": TensorSpec((None, 2))})
+        self.search = self._searches[key["target"]] = record["meta"]
+        in_use = {search["alpha"] for search in self._searches.values()}
+        self._trained = {alpha: trained for alpha, trained in self._trained.items() if alpha in in_use}  # probes go
+        return self.at(self.search["alpha"])
 
 
 def metadata_fraction(dim: int, element_size: int) -> float:

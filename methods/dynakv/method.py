@@ -13,7 +13,9 @@ What kvbench adds, because it is asked for a byte budget rather than a rate: the
 byte (coefficients, each token's K and V rank, its int32 position), so the α search targets the budget minus
 that metadata; and a prompt whose ranks exceed the budget anyway (text unlike the calibration text) has its
 threshold raised above ``tau`` for all its layers at once until it fits (``finish``). The threshold of each row is
-recorded (``dynakv_threshold``), as are α, the held-out rate and the training cost.
+recorded (``dynakv_threshold``), as are α, the held-out rate and the training cost (steps, tokens, seconds of
+the gates used and of the whole α search). Gates for a budget are found (on a first run: trained) when its first
+prefill starts, so that row's ``prefill_s`` includes ``dynakv_setup_s``, the time this took.
 
 ``gate=ranker`` is kvbench's own earlier design, not the paper's (``ranker_variant.py``); its options are
 ``ranker_steps``, ``ranker_lr``, ``objective``, ``window``, ``level_steps``, ``hidden`` and ``multiple``.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -134,13 +137,18 @@ class DynaKV(LowRankMethod):
     def prefill_context(self, model: torch.nn.Module, budget: float) -> AbstractContextManager:
         """Select (on first use: train) the gates for ``budget`` before the compressing forward starts."""
         if self.ranker is None:
+            start = time.perf_counter()
             self.active = self.gates_for(model, budget)
             element_size = next(model.parameters()).element_size()
             overhead = metadata_fraction(self.library.dim, element_size)
+            meta, search = self.active.meta, {} if self.alpha else self.library.search
             self._row = {"dynakv_alpha": self.active.alpha, "dynakv_target_budget": budget,
                          "dynakv_heldout_budget": round(self.active.fraction + overhead, 5),
-                         "dynakv_train_steps": self.active.meta["train_steps"],
-                         "dynakv_train_tokens": self.active.meta["train_tokens"], "dynakv_tau": self.tau}
+                         "dynakv_train_steps": meta["train_steps"], "dynakv_train_tokens": meta["train_tokens"],
+                         "dynakv_train_s": meta.get("calibration_s"), "dynakv_tau": self.tau,
+                         "dynakv_search_probes": len(search.get("probes", [])) or None,
+                         "dynakv_search_s": search.get("search_s"),
+                         "dynakv_setup_s": round(time.perf_counter() - start, 3)}
         return nullcontext()
 
     def uniform_ranks(self, layer_idx: int, budget: float, element_size: int) -> tuple[float, float]:
@@ -174,7 +182,7 @@ class DynaKV(LowRankMethod):
             transient = flat.numel() * flat.element_size()
             excess = cache.nbytes() - transient - cache.budget * cache.full_nbytes()
             if excess > 0:
-                element = layers[0].coefficients["key"][0].element_size()
+                element = layers[0].stored_buckets()[0].element_size()
                 capacity = flat.numel() - math.ceil(excess / element)
                 floor = int((flat == FIRST).sum())  # every token keeps its first coefficient
                 if capacity < floor:

@@ -1,12 +1,11 @@
 """DynaKV's cache layer (the paper's inference, §3.2 "Hard Masking"): each token's first ``r`` spectral
 coefficients, stored for real, with ``r`` chosen per token, per layer and separately for K and V by the gate.
 
-Stored per batch row and for K and V: one flat tensor of every held token's kept coefficients in token order
-(ragged, no padding), each token's rank (uint8 when ``d <= 255``, else int16), and each token's position
-(int32, needed to re-apply RoPE; one list shared by K and V). ``nbytes`` counts all of it. A token's
-coefficients start at the running sum of the ranks before it, so reconstruction is one masked scatter into a
-transient ``[held, d]`` block, a product with ``U⁻¹`` (zeros beyond each prefix, i.e. ``x̃[:r] U⁻¹[:r, :]``),
-heads split, and RoPE at each token's true position for keys.
+Stored per batch row and for K and V: every held token's kept coefficients (ragged, no padding; bucketed by
+rank class, ``ragged.py``), each token's rank (uint8 when ``d <= 255``, else int16), and each token's position
+(int32, needed to re-apply RoPE; one list shared by K and V). ``nbytes`` counts all of it. Attention reads the
+coefficients directly (``ragged.py``): the reconstruction ``x̃[:r] U⁻¹[:r, :]`` is the latent codec whose basis
+is ``U⁻¹ᵀ``, keys re-rotated at their true positions inside the attention, values mixed as latents.
 
 Tokens that arrive after compression (a question chunk, decoded tokens) are gated the same way, at the
 layer's threshold, and stored compressed. Right after the prompt's compression the layer also holds each kept
@@ -18,24 +17,22 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.layers import LAST_UPDATE, CompressedLayer
-from kvbench.methods.dynakv.spectral import (
-    KINDS,
-    SpectralGates,
-    hard_ranks,
-    merge_heads,
-    rank_dtype,
-    split_heads,
-)
+from kvbench.methods.dynakv.ragged import KINDS, RaggedLayer, prefix_mask
+from kvbench.methods.dynakv.spectral import SpectralGates, hard_ranks, merge_heads, rank_dtype
 from kvbench.methods.lowrank.allocation import POSITION_DTYPE
-from kvbench.rope import apply_rope, cos_sin, undo_rope
+from kvbench.methods.lowrank.codec import LowRankCodec
+from kvbench.methods.lowrank.latent_attention import RopeTable
 
 FIRST = 2.0  # the stored soft mask of a token's first coefficient: above any threshold (soft masks are <= 1)
 
 
-def prefix_mask(ranks: torch.Tensor, dim: int) -> torch.Tensor:
-    """``[tokens, dim]``: True for each token's first ``rank`` coefficients."""
-    return torch.arange(dim, device=ranks.device) < ranks[:, None]
+def pre_rope(keys: torch.Tensor, positions: torch.Tensor, rotary: torch.nn.Module) -> torch.Tensor:
+    """Post-RoPE ``keys`` ``[batch, kv_heads, new, head_dim]`` at ``positions`` ``[batch, new]``, un-rotated (float32):
+    each (i, i + head_dim/2) pair divided by the rotation the attention applies (``RopeTable``, scaling included)."""
+    half = keys.shape[-1] // 2
+    table = RopeTable.of(rotary).get(int(positions.max()) + 1, keys.device)
+    pairs = torch.complex(keys[..., :half].float(), keys[..., half:].float()) / table[positions.long()][:, None]
+    return torch.cat([pairs.real, pairs.imag], dim=-1)
 
 
 def uniform_ranks(mean: float, start: int, count: int, dim: int) -> torch.Tensor:
@@ -46,7 +43,7 @@ def uniform_ranks(mean: float, start: int, count: int, dim: int) -> torch.Tensor
     return (edges[1:] - edges[:-1]).long().clamp(1, dim)
 
 
-class PrefixLayer(CompressedLayer):
+class PrefixLayer(RaggedLayer):
     """Dense (``CompressedLayer``) until ``compress``; then per-token prefixes of spectral coefficients."""
 
     def __init__(self, **kwargs) -> None:
@@ -55,15 +52,11 @@ class PrefixLayer(CompressedLayer):
         self.layer_idx = 0
         self.threshold = 0.1  # the hard mask's tau for this layer (raised by the budget guard)
         self.uniform: tuple[float, float] | None = None  # mean K and V ranks: the non-adaptive ablation
-        self.rotary: torch.nn.Module | None = None
-        self.kv_heads = 0
         self._clear()
 
     def _clear(self) -> None:
-        self.coefficients: dict[str, list[torch.Tensor]] = {kind: [] for kind in KINDS}  # per batch row, flat
         self.ranks: dict[str, torch.Tensor | None] = dict.fromkeys(KINDS)  # [batch, held]
         self.masks: dict[str, list[torch.Tensor]] | None = None  # per batch row, flat: soft mask of each kept one
-        self.positions: torch.Tensor | None = None  # [batch, held] int32
 
     @property
     def is_prefix(self) -> bool:
@@ -73,117 +66,79 @@ class PrefixLayer(CompressedLayer):
                  positions: torch.Tensor | None = None, uniform: tuple[float, float] | None = None) -> None:
         """Replace the dense tensors (post-RoPE keys) by per-token prefixes; ``positions`` ``[batch, held]`` default
         to the last held ones."""
-        batch, _, held, _ = self.keys.shape
+        batch, kv_heads, held, head_dim = self.keys.shape
         if positions is None:
             positions = torch.arange(self.seen_tokens - held, self.seen_tokens, device=self.keys.device)
             positions = positions.expand(batch, held)
         keys, values = self.keys, self.values
-        self.gates, self.layer_idx, self.threshold, self.rotary, self.uniform = (
-            gates, layer_idx, threshold, rotary, uniform)
-        self.kv_heads = keys.shape[1]
+        self.gates, self.layer_idx, self.threshold, self.uniform = gates, layer_idx, threshold, uniform
+        inverse = [gates.inverse(layer_idx, kind).T[None].to(keys.dtype) for kind in range(len(KINDS))]
+        self.codec = LowRankCodec(inverse[0], inverse[1], kv_heads, head_dim, rotary)
         self.keys = self.values = None
-        self._store(keys, values, positions, keep_masks=uniform is None)
+        self.first_position = self.gapless(positions)
+        self.store(keys, values, positions, keep_masks=uniform is None)
 
-    def _tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = cos_sin(self.rotary, positions.reshape(-1).long(), torch.float32)
-        shape = (*positions.shape, cos.shape[-1])
-        return cos.reshape(shape).unsqueeze(1), sin.reshape(shape).unsqueeze(1)
-
-    def _store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-               keep_masks: bool = False) -> None:
+    def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+              keep_masks: bool = False) -> None:
         """Gate and append new tokens (post-RoPE ``keys``, ``values`` ``[batch, kv_heads, new, head_dim]``);
         ``keep_masks``: also hold the kept coefficients' soft masks (the prompt's, for the budget guard)."""
-        cos, sin = self._tables(positions)
-        states = (merge_heads(undo_rope(keys.float(), cos, sin)), merge_heads(values.float()))
-        dim, dtype = self.gates.dim, keys.dtype
+        (batch, _, new, _), dim, dtype = keys.shape, self.gates.dim, keys.dtype
         held = 0 if self.positions is None else self.positions.shape[1]
-        if keep_masks:
-            self.masks = {kind: [] for kind in KINDS}
         with torch.no_grad():
-            for kind_index, (kind, flat) in enumerate(zip(KINDS, states, strict=True)):
-                coefficients = flat @ self.gates.basis[self.layer_idx, kind_index]  # [batch, new, d]
-                if self.uniform is None:
-                    mask = self.gates.mask(coefficients, self.layer_idx, kind_index)
-                    mask[..., 0] = FIRST  # m_0 = Σ p = 1 > τ: the first coefficient always stays, whatever the guard
-                    ranks = hard_ranks(mask, self.threshold)
-                else:
-                    ranks = uniform_ranks(self.uniform[kind_index], held, flat.shape[1], dim).to(flat.device)
-                    ranks = ranks.expand(flat.shape[0], -1)
-                rows = []
-                for b in range(flat.shape[0]):
-                    keep = prefix_mask(ranks[b], dim)
-                    kept = coefficients[b][keep].to(dtype)
-                    rows.append(kept if held == 0 else torch.cat([self.coefficients[kind][b], kept]))
+            pre = pre_rope(keys, positions, self.codec.rotary)
+            states = torch.stack([merge_heads(pre), merge_heads(values.float())])
+            coefficients = states @ self.gates.basis[self.layer_idx, :, None]  # [2 (K, V), batch, new, d]
+            if self.uniform is None:
+                mask = self.gates.layer_masks(coefficients, self.layer_idx)
+                mask[..., 0] = FIRST  # m_0 = Σ p = 1 > τ: the first coefficient always stays, whatever the guard
+                ranks = hard_ranks(mask, self.threshold)  # [2, batch, new]
+            else:
+                ranks = torch.stack([uniform_ranks(mean, held, new, dim) for mean in self.uniform])
+                ranks = ranks.to(keys.device)[:, None].expand(2, batch, new)
+            if keep_masks:
+                self.masks = {kind: [] for kind in KINDS}
+            for index, kind in enumerate(KINDS):
+                for b in range(batch):
+                    keep = prefix_mask(ranks[index, b], dim)
+                    self.append(kind, b, coefficients[index, b][keep].to(dtype), ranks[index, b])
                     if keep_masks:
-                        self.masks[kind].append(mask[b][keep])
-                self.coefficients[kind] = rows
-                stored = ranks.to(rank_dtype(dim))
-                old = self.ranks[kind]
+                        self.masks[kind].append(mask[index, b][keep])
+                stored, old = ranks[index].to(rank_dtype(dim)), self.ranks[kind]
                 self.ranks[kind] = stored if old is None else torch.cat([old, stored], dim=1)
         positions = positions.to(POSITION_DTYPE)
         self.positions = positions.contiguous() if held == 0 else torch.cat([self.positions, positions], dim=1)
+
+    def row_ranks(self, kind: str, row: int) -> torch.Tensor:
+        return self.ranks[kind][row]
 
     def truncate(self, threshold: float) -> None:
         """Raise the threshold to ``threshold``: keep only coefficients whose soft mask exceeds it (a prefix again,
         since the mask does not increase along a token), then drop the soft masks."""
         if self.masks is not None and threshold > self.threshold:
             for kind in KINDS:
-                ranks = []
-                for b, (flat, mask) in enumerate(zip(self.coefficients[kind], self.masks[kind], strict=True)):
+                held = self.ranks[kind].shape[1]
+                kept, ranks = [], []
+                for b, mask in enumerate(self.masks[kind]):
+                    flat, old = self.row_latents(kind, b)
                     keep = mask > threshold
-                    self.coefficients[kind][b] = flat[keep]
-                    token = torch.repeat_interleave(torch.arange(self.ranks[kind].shape[1], device=flat.device),
-                                                    self.ranks[kind][b].long())
-                    ranks.append(torch.bincount(token[keep], minlength=self.ranks[kind].shape[1]))
+                    token = torch.repeat_interleave(torch.arange(held, device=flat.device), old)
+                    kept.append(flat[keep])
+                    ranks.append(torch.bincount(token[keep], minlength=held))
                 self.ranks[kind] = torch.stack(ranks).to(self.ranks[kind].dtype)
+                for b, (flat, row) in enumerate(zip(kept, ranks, strict=True)):
+                    self.clear_row(kind, b)
+                    self.append(kind, b, flat, row)
             self.threshold = threshold
         self.masks = None
 
     def soft_masks(self) -> list[torch.Tensor]:
         return [] if self.masks is None else [m for kind in KINDS for m in self.masks[kind]]
 
-    def reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Post-RoPE keys and values ``[batch, kv_heads, held, head_dim]`` of every held token."""
-        dim = self.gates.dim
-        out = []
-        for kind_index, kind in enumerate(KINDS):
-            rows = []
-            for b, flat in enumerate(self.coefficients[kind]):
-                dense = flat.new_zeros(self.positions.shape[1], dim)
-                dense[prefix_mask(self.ranks[kind][b].long(), dim)] = flat
-                rows.append(dense)
-            inverse = self.gates.inverse(self.layer_idx, kind_index).to(rows[0].dtype)
-            out.append(split_heads(torch.stack(rows) @ inverse, self.kv_heads))
-        cos, sin = self._tables(self.positions)
-        return apply_rope(out[0], cos.to(out[0].dtype), sin.to(out[0].dtype)), out[1]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_prefix:
-            return super().update(key_states, value_states, *args, **kwargs)
-        batch, _, new, _ = key_states.shape
-        positions = torch.arange(self.seen_tokens, self.seen_tokens + new, device=key_states.device)
-        self._store(key_states, value_states, positions.expand(batch, new))
-        self.seen_tokens += new
-        keys, values = self.reconstruct()
-        LAST_UPDATE.set((self, keys))
-        return keys, values
-
-    def held_tokens(self) -> int:
-        if not self.is_prefix:
-            return super().held_tokens()
-        return 0 if self.positions is None else self.positions.shape[-1]
-
     def tensors(self) -> list[torch.Tensor]:
         if not self.is_prefix:
             return super().tensors()
-        stored = [t for kind in KINDS for t in self.coefficients[kind]]
-        stored += [t for t in self.ranks.values() if t is not None] + self.soft_masks()
+        stored = self.stored_buckets() + [t for t in self.ranks.values() if t is not None] + self.soft_masks()
         return stored + [t for t in (self.positions, self.scores, self.recent_queries) if t is not None]
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if not self.is_prefix:
-            return super().crop(tokens_to_remove)
-        raise NotImplementedError("a DynaKV cache cannot be cropped")
 
     def reset(self) -> None:
         super().reset()

@@ -79,6 +79,12 @@ class SpectralGates(nn.Module):
         """The soft mask ``[..., d]`` of coefficients ``x̃`` ``[..., d]``."""
         return soft_mask(coefficients @ self.weight[layer, kind] + self.bias[layer, kind])
 
+    def layer_masks(self, coefficients: torch.Tensor, layer: int) -> torch.Tensor:
+        """Both kinds at once: the soft masks ``[2, ..., d]`` of coefficients ``[2, ..., d]`` (K, then V)."""
+        extra = coefficients.dim() - 2
+        weight = self.weight[layer].reshape(2, *([1] * (extra - 1)), self.dim, self.dim)
+        return soft_mask(coefficients @ weight + self.bias[layer].reshape(2, *([1] * extra), self.dim))
+
     def freeze(self) -> SpectralGates:
         """For inference: no gradients, and ``U⁻¹`` computed once (float64)."""
         self.requires_grad_(False)

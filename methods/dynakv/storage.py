@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbench.methods.dynakv.ragged import RaggedLayer, prefix_mask
 from kvbench.methods.dynakv.ranker import LayerBasis, RankGates, allocate, arrival_levels
 from kvbench.methods.lowrank.allocation import POSITION_DTYPE
-from kvbench.methods.lowrank.codec import LatentLayer
 
 
 @dataclass
@@ -30,15 +30,14 @@ class TokenRanker:
             return self.gates.scores(self.layer_idx, key_latent.float(), value_latent.float(), self.basis)
 
 
-class VariableRankLayer(LatentLayer):
+class VariableRankLayer(RaggedLayer):
     """Per-token rank latents, physically: each token's first ``r_t`` coefficients, concatenated (ragged).
 
-    Stored per batch row and for K and V: one flat tensor of every held token's kept coefficients in token order
+    Stored per batch row and for K and V: every held token's kept coefficients (ragged, bucketed by rank class)
     and each token's level (uint8, an index into the fixed ladder of ranks), plus each token's position (int32,
-    from ``LatentLayer``); ``nbytes`` counts all of it. Where a token's coefficients start is the running sum of
-    the ranks before it, so reconstruction is one masked scatter. Prompt tokens are ranked together at
-    compression by the gate (``allocate``); later ones get the layer's mean rank within the budget left
-    (``arrival_levels``), so the cache stays within budget while decoding.
+    from ``LatentLayer``); ``nbytes`` counts all of it. Attention reads the coefficients directly (``ragged.py``).
+    Prompt tokens are ranked together at compression by the gate (``allocate``); later ones get the layer's mean
+    rank within the budget left (``arrival_levels``), so the cache stays within budget while decoding.
     """
 
     def __init__(self, **kwargs) -> None:
@@ -47,7 +46,6 @@ class VariableRankLayer(LatentLayer):
         self._clear()
 
     def _clear(self) -> None:
-        self.coefficients: dict[str, list[torch.Tensor]] = {"key": [], "value": []}  # per batch row, flat
         self.token_levels: dict[str, torch.Tensor | None] = {"key": None, "value": None}  # [batch, held] uint8
         self.used: dict[str, list[float]] = {"key": [], "value": []}
         self.carry: dict[str, list[float]] = {"key": [], "value": []}  # rank wanted but not yet given
@@ -69,14 +67,12 @@ class VariableRankLayer(LatentLayer):
                     index = allocate(scores[kind], levels, mean * new)[0]
                     self.used[kind].append(0.0)
                     self.carry[kind].append(0.0)
-                    self.coefficients[kind].append(latents.new_zeros(0))
                 else:
                     allowance = mean * (held + new) - self.used[kind][b]
                     index, self.carry[kind][b] = arrival_levels(new, mean, levels, allowance, self.carry[kind][b])
                 ranks = levels[index]
                 self.used[kind][b] += float(ranks.sum())
-                kept = latents[_prefix_mask(ranks, latents.shape[-1])]
-                self.coefficients[kind][b] = torch.cat([self.coefficients[kind][b], kept])
+                self.append(kind, b, latents[prefix_mask(ranks, latents.shape[-1])], ranks)
                 indices[kind].append(index.to(torch.uint8))
         for kind in ("key", "value"):
             stacked = torch.stack(indices[kind])
@@ -85,33 +81,19 @@ class VariableRankLayer(LatentLayer):
         positions = positions.to(POSITION_DTYPE)
         self.positions = positions.contiguous() if first else torch.cat([self.positions, positions], dim=1)
 
-    def _dense(self, kind: str) -> torch.Tensor:
-        """``[batch, held, dim]`` latents: each token's kept prefix in place, zeros beyond it."""
-        levels = self.ranker.levels.to(self.positions.device)
-        dim = int(levels[-1])
-        rows = []
-        for b, flat in enumerate(self.coefficients[kind]):
-            ranks = levels[self.token_levels[kind][b].long()]
-            dense = flat.new_zeros(ranks.shape[0], dim)
-            dense[_prefix_mask(ranks, dim)] = flat
-            rows.append(dense)
-        return torch.stack(rows)
+    def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        self.store_latents(*self.codec.encode(keys, values, positions), positions)
 
-    def held_latents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._dense("key"), self._dense("value"), self.positions
+    def row_ranks(self, kind: str, row: int) -> torch.Tensor:
+        return self.ranker.levels.to(self.positions.device)[self.token_levels[kind][row].long()]
 
     def tensors(self) -> list[torch.Tensor]:
         if not self.is_latent:
             return super().tensors()
-        stored = [t for kind in ("key", "value") for t in self.coefficients[kind]]
-        stored += [t for t in self.token_levels.values() if t is not None]
+        stored = self.stored_buckets() + [t for t in self.token_levels.values() if t is not None]
         return super().tensors() + stored
 
     def reset(self) -> None:
         super().reset()
         self._clear()
 
-
-def _prefix_mask(ranks: torch.Tensor, dim: int) -> torch.Tensor:
-    """``[tokens, dim]``: True for each token's first ``rank`` coefficients."""
-    return torch.arange(dim, device=ranks.device) < ranks[:, None]

@@ -61,8 +61,6 @@ def pca_basis(model: torch.nn.Module, chunks: Sequence[torch.Tensor], progress: 
     return (vectors * signs).float().cpu(), values.clamp_min(0).float().cpu()
 
 
-
-
 class _GatedLayer(DynamicLayer):
     """A cache layer for training: what attention receives is the chunk's states, gated and reconstructed."""
 

@@ -4,6 +4,8 @@ gives; a compressed method gives the same answers through ``lm_eval --model kvbe
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +18,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from kvbench import cli, models, runner  # noqa: E402
+from kvbench.lmeval import __main__ as lmeval_cli  # noqa: E402
 from kvbench.lmeval import tasks as bridge  # noqa: E402
 from kvbench.lmeval.model import KVBenchLM  # noqa: E402
 from kvbench.results import read_rows  # noqa: E402
@@ -163,6 +166,24 @@ def test_bad_tasks_are_one_line_before_any_model_loads(tasks, message, monkeypat
 def test_include_path_must_be_a_folder(capsys):
     assert cli.main(["run", "--methods", "snapkv", "--tasks", "lm-eval:x", "--include-path", "no/such/folder"]) == 2
     assert "--include-path no/such/folder does not exist" in capsys.readouterr().err
+
+
+def test_lm_eval_command_line_with_model_kvbench(tmp_path, monkeypatch):
+    """The documented command: lm-eval's own command line, a method spec with several options quoted inside
+    --model_args, and kvbench's measurement in the results file's config section."""
+    monkeypatch.setattr(sys, "argv", [
+        "python -m kvbench.lmeval", "run", "--model", "kvbench", "--model_args",
+        'pretrained=random:llama-tiny,method="snapkv:window=8,kernel=3",budget=0.25,query_aware=true',
+        "--tasks", "kvbench_local_mc", "--include_path", FIXTURES, "--limit", "1", "--device", "cpu",
+        "--output_path", str(tmp_path)])
+    lmeval_cli.main()
+    (written,) = tmp_path.glob("*/results_*.json")
+    result = json.loads(written.read_text())
+    measured = result["config"]["kvbench"]
+    assert measured["method"] == "snapkv:kernel=3,window=8" and measured["budget"] == 0.25
+    assert measured["requests"] == 4 and 0.2 < measured["mean_achieved_budget"] <= 0.26
+    assert measured["mean_kv_bytes"] < measured["mean_full_kv_bytes"]
+    assert result["results"]["kvbench_local_mc"]["acc,none"] in (0.0, 1.0)
 
 
 def test_model_arguments_and_requests_kvbench_cannot_honour():

@@ -14,6 +14,7 @@ from transformers import GenerationConfig
 from kvbench.methods.dynakv import DynaKV
 from kvbench.methods.dynakv.library import dims_for_budget, metadata_fraction
 from kvbench.methods.dynakv.prefix import PrefixLayer
+from kvbench.methods.dynakv.ragged import rank_classes
 from kvbench.prefill import prepare
 from kvbench.spec import SpecError, parse_spec
 from kvbench.testing import calibration_file
@@ -56,6 +57,16 @@ def dim(model) -> int:
     return config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
 
 
+
+def bucket_sizes(layer, kind: str) -> dict[int, int]:
+    return {index: t.numel() for index, t in layer.buckets[kind][0].items() if t.dim() == 1}
+
+
+def expected_sizes(ranks: torch.Tensor) -> dict[int, int]:
+    """Coefficients per rank class (``ragged.py``): the ranks of the class's tokens, summed."""
+    classes = rank_classes(ranks.long())
+    return {index: int(ranks[classes == index].long().sum()) for index in classes.unique().tolist()}
+
 def test_full_ranks_reconstruct_the_uncompressed_model_exactly(model, prompt, calibrated):
     """tau = 0 keeps every coefficient (p > 0 everywhere): x̃ U⁻¹ with RoPE at the true positions is the cache."""
     method = calibrated(model, tau=0.0)
@@ -91,7 +102,7 @@ def test_every_stored_byte_is_counted_and_the_budget_holds(model, prompt, calibr
         for kind in ("key", "value"):
             ranks = layer.ranks[kind]
             assert ranks.dtype == torch.uint8 and ranks.shape == (1, 96) and int(ranks.min()) >= 1
-            assert layer.coefficients[kind][0].shape == (int(ranks.long().sum()),)  # exactly the kept prefixes
+            assert bucket_sizes(layer, kind) == expected_sizes(ranks[0])  # exactly the kept prefixes
             ranks_seen |= set(ranks[0].tolist())
         assert layer.positions.dtype == torch.int32 and layer.positions[0].tolist() == list(range(96))
     assert len(ranks_seen) > 3  # tokens keep different ranks
@@ -150,13 +161,27 @@ def test_alpha_search_trains_one_artifact_per_alpha_and_reuses_them(llama, promp
     meta = json.loads((path.parent / "meta.json").read_text())
     assert len(meta["loss_curve"]) == 2 and meta["settings"]["alpha"] == fields["dynakv_alpha"]
     assert len(meta["heldout_ranks"]["0.1"]) == llama.config.num_hidden_layers
+    records = list(cache_root.glob("calibration/*-dynakv-alpha-*/meta.json"))
+    assert len(records) == 1  # the search's record: its probes and the α chosen
+    record = json.loads(records[0].read_text())
+    assert record["alpha"] == fields["dynakv_alpha"] and [fields["dynakv_alpha"], method.active.fraction] in [
+        [a, pytest.approx(r)] for a, r in record["probes"]]
+    assert len(record["probes"]) > 1
+    for probe in [*cache_root.glob("calibration/*-dynakv-paper-*"), *cache_root.glob("calibration/*-dynakv-basis-*")]:
+        if probe != path.parent:  # a later run needs only the record and the chosen α's gates
+            for file in probe.iterdir():
+                file.unlink()
     import kvbench.methods.dynakv.training as training
 
     monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("a valid artifact was not reused"))
+    monkeypatch.setattr(training, "pca_basis", lambda *a, **k: pytest.fail("the basis is needed only to train"))
     again = DynaKV(calibration_tokens=1536, data=text, steps=2, lr=0.05)
     prepare(again, llama, ByteTokenizer())
     prefill(llama, prompt, again, 0.4)
-    assert again.active.path == path and again.row_fields(llama) == fields
+    timing = ("dynakv_setup_s",)
+    assert again.active.path == path and {k: v for k, v in again.row_fields(llama).items() if k not in timing} == {
+        k: v for k, v in fields.items() if k not in timing}
+    assert fields["dynakv_search_probes"] == len(record["probes"]) and fields["dynakv_train_s"] > 0
     assert all(torch.equal(a, b) for a, b in zip(method.active.gates.parameters(), again.active.gates.parameters(),
                                                   strict=True))
 

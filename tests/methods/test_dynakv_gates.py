@@ -139,3 +139,26 @@ def test_alpha_search_prefers_the_papers_rule_then_the_nearest_rate_above():
     assert search_index(lambda i: 0.52 if i < 4 else 0.495, 0.5) == 0  # 0.52 is within the window: first probe
     assert search_index(lambda i: 0.6 if i < 4 else 0.495, 0.5) == 8
     assert alpha_at(4) == 2.0 and alpha_at(-8) == 0.25
+
+
+def test_both_kinds_gated_at_once_equal_each_kind_alone():
+    gates = SpectralGates(3, 8)
+    with torch.no_grad():
+        gates.weight.normal_()
+        gates.bias.normal_()
+    coefficients = torch.randn(2, 2, 5, 8)
+    both = gates.layer_masks(coefficients, 1)
+    for kind in (0, 1):
+        torch.testing.assert_close(both[kind], gates.mask(coefficients[kind], 1, kind))
+
+
+def test_keys_are_unrotated_with_the_models_own_rotation():
+    from kvbench.methods.dynakv.prefix import pre_rope
+    from kvbench.rope import apply_rope, cos_sin, rotary_module
+
+    rotary = rotary_module(tiny_model("llama"))
+    positions = torch.tensor([[0, 3, 700], [5, 6, 1500]])
+    keys = torch.randn(2, 2, 3, 16)
+    cos, sin = cos_sin(rotary, positions.reshape(-1), torch.float32)
+    rotated = apply_rope(keys, cos.reshape(2, 1, 3, 16), sin.reshape(2, 1, 3, 16))
+    torch.testing.assert_close(pre_rope(rotated, positions, rotary), keys, atol=1e-5, rtol=1e-5)

@@ -14,8 +14,9 @@ from kvbench.methods.mixeddim import MixedDimKV, MixedDimKVH
 from kvbench.methods.mixeddim.allocation import lagrange, plan_head
 from kvbench.methods.mixeddim.projections import head_bases, residual_energy
 from kvbench.methods.mixeddim.storage import MixedDimLayer
+from kvbench.prefill import cache_arguments
 from kvbench.spec import SpecError, parse_spec
-from kvbench.testing import calibration_file, compress, random_prompt, stored_bytes
+from kvbench.testing import calibration_file, compress, greedy, random_prompt, stored_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -114,6 +115,27 @@ def test_grouped_attention_equals_dense_attention_on_the_reconstruction(model):
 def test_budget_one_keeps_the_dense_layer(llama, prompt):
     compressed = compress(llama, MixedDimKV(), 1.0, prompt)
     assert compressed.achieved_budget == 1.0 and not compressed.cache.layers[0].grouped
+
+
+def test_a_budget_that_holds_every_token_whole_decodes_like_full(model, prompt, monkeypatch):
+    """Grouped storage and grouped attention with nothing lost: the same logits and tokens as the dense cache."""
+    n_tokens = prompt.shape[1]
+    monkeypatch.setattr(MixedDimKV, "head_capacity",
+                        lambda self, layer_idx, n, budget, head_dim: torch.tensor([2.0 * n_tokens * head_dim]))
+    compressed = compress(model, MixedDimKV(window=8), 0.5, prompt)
+    reference = compress(model, parse_spec("full").method, 1.0, prompt)
+    assert all(layer.grouped and all(s.tokens() == n_tokens and s.key_basis is None for s in layer.heads)
+               for layer in compressed.cache.layers)
+    assert compressed.kv_bytes == reference.kv_bytes
+    assert greedy(model, prompt, compressed) == greedy(model, prompt, reference)
+    step = prompt[:, -1:]
+    with torch.inference_mode():
+        position = torch.tensor([[n_tokens]])
+        ours = model(step, **cache_arguments(model, compress(model, MixedDimKV(window=8), 0.5, prompt).cache),
+                     position_ids=position).logits
+        dense = model(step, **cache_arguments(model, compress(model, parse_spec("full").method, 1.0, prompt).cache),
+                      position_ids=position).logits
+    assert torch.allclose(ours, dense, atol=1e-5)
 
 
 def test_tiny_budgets_fall_back_to_eviction(llama):
