@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv-kvpress/bin/python}
 LENGTHS=${LENGTHS:-4096,8064}
-REPEATS=${REPEATS:-3}
+REPEATS=${REPEATS:-2}
 SUFFIX=${SUFFIX:-}
 $PY -m kvbench bench --model smollm2-135m --device cpu \
     --methods "snapkv:window=64,kernel=5,pooling=avg,kvpress:SnapKVPress,expected_attention,kvpress:ExpectedAttentionPress" \
-    --budget 0.5,0.1 --lengths "$LENGTHS" --decode-tokens 128 --repeats "$REPEATS" --run-id "speed-kvpress$SUFFIX"
+    --budget 0.1 --lengths "$LENGTHS" --decode-tokens 64 --repeats "$REPEATS" --run-id "speed-kvpress$SUFFIX"

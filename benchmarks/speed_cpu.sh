@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Decode tokens/s, prefill ratios, KV bytes and the bandwidth-limit ratios per method at 4K and 8K tokens on the
 # embedded SmolLM2-135M, CPU, side by side with full in one process (python -m kvbench bench).
-# Run on a quiet machine: nothing else running. Writes results/speed-cpu-<budget>/ and reports/speed-cpu-<budget>/.
+# Run on a quiet machine: nothing else running. Writes results/speed-cpu-{latent,token}/ and their reports.
 # 8064 + 128 decoded tokens = SmolLM2's 8192-token context.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 LENGTHS=${LENGTHS:-4096,8064}
-REPEATS=${REPEATS:-3}
+REPEATS=${REPEATS:-2}
 SUFFIX=${SUFFIX:-}
 
 # Latent (dimension) methods and compositions at budget 0.5: the decode-speed target (>= 0.8x full's tokens/s).
@@ -17,4 +17,4 @@ $PY -m kvbench bench --model smollm2-135m --device cpu --methods palu,dynakv,pal
 # Token methods: prefill with compression vs full (target <= 1.05x at 8K) and decoding against the limit.
 $PY -m kvbench bench --model smollm2-135m --device cpu \
     --methods snapkv,expected_attention,pyramidkv,adakv,h2o,tova,knorm,streamingllm \
-    --budget 0.5,0.1 --lengths "$LENGTHS" --decode-tokens 128 --repeats "$REPEATS" --run-id "speed-cpu-token$SUFFIX"
+    --budget 0.1 --lengths "$LENGTHS" --decode-tokens 64 --repeats "$REPEATS" --run-id "speed-cpu-token$SUFFIX"

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 FORMAT = 2  # bump when the layout of an artifact changes: older ones are then refused and rebuilt
+USED: list[Path] = []  # every artifact this process loaded or built, in order (``scripts/ship_artifacts.py``)
 
 
 class ArtifactError(ValueError):
@@ -154,23 +155,22 @@ def load_or_build(model: torch.nn.Module, kind: str, settings: Mapping[str, Any]
     fields have already checked). A refused artifact is announced in one line and rebuilt; a freshly built one is
     checked too, so a method never runs on NaN statistics.
     """
+    from kvbench.models import cache_dir
+
     path = artifact_path(model, kind, settings)
     expected = {"format": FORMAT, "kind": kind, "model_fingerprint": model_fingerprint(model),
                 "data_fingerprint": data_fingerprint, "settings": json.loads(json.dumps(settings, default=str))}
-    if not force:
-        from kvbench.models import cache_dir
-
-        for shipped in (folder / path.relative_to(cache_dir()) for folder in shipped_folders()):
-            if shipped.is_file():
-                try:
-                    return read_artifact(shipped, expected, specs), shipped
-                except ArtifactError as error:
-                    print(f"kvbench: {error}; ignoring it", flush=True)
-    if path.is_file() and not force:
+    prebuilt = [folder / path.relative_to(cache_dir()) for folder in shipped_folders()]
+    for candidate in [] if force else [*prebuilt, path]:
+        if not candidate.is_file():
+            continue
         try:
-            return read_artifact(path, expected, specs), path
+            artifact = read_artifact(candidate, expected, specs)
         except ArtifactError as error:
-            print(f"kvbench: {error}; rebuilding it", flush=True)
+            print(f"kvbench: {error}; {'rebuilding' if candidate == path else 'ignoring'} it", flush=True)
+            continue
+        USED.append(candidate)
+        return artifact, candidate
     start = time.perf_counter()
     extra, tensors = build()
     meta = expected | {"model": model_slug(model), "kvbench_version": kvbench_version(),
@@ -180,4 +180,5 @@ def load_or_build(model: torch.nn.Module, kind: str, settings: Mapping[str, Any]
     if reason:
         raise ArtifactError(f"calibration of {kind} produced an unusable artifact: {reason}")
     save_artifact(path, meta, tensors)
+    USED.append(path)
     return {"meta": meta, "tensors": tensors}, path

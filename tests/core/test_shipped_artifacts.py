@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from kvbench import artifacts
 from kvbench.methods.lowrank import statistics as statistics_module
 from kvbench.methods.lowrank.statistics import kv_statistics
 from kvbench.testing import CALIBRATION_TOKENS, ByteTokenizer, calibration_file
@@ -46,8 +47,10 @@ def refuse_calibration(monkeypatch):
 def test_a_shipped_artifact_is_used_before_calibrating(llama, shipped, monkeypatch, tmp_path):
     built, copy, data = shipped
     refuse_calibration(monkeypatch)
+    used = len(artifacts.USED)
     loaded, _, path = statistics(llama, data)
     assert path == copy and not (tmp_path / "user").exists()  # nothing written to the user cache
+    assert artifacts.USED[used:] == [copy]  # what scripts/ship_artifacts.py reads to know what a job needs
     torch.testing.assert_close(loaded.key_fit, built.key_fit, atol=1e-3, rtol=1e-2)  # float16 on disk
 
 

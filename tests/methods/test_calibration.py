@@ -27,7 +27,7 @@ def statistics(llama, **kwargs):
 
 def test_calibration_articles_are_disjoint_from_the_tasks_squad_articles():
     pytest.importorskip("long_context_eval")
-    from kvbench.tasks.ruler import evaluation_squad_titles
+    from kvbench.tasks.ruler_sources import evaluation_squad_titles
 
     reserved = squad_paragraphs(calibration=True)
     assert 100 < len(reserved) < len(squad_paragraphs(calibration=False))

@@ -10,7 +10,7 @@ import pytest
 
 from kvbench import cli
 from kvbench.results import read_rows
-from kvbench.tasks import ruler
+from kvbench.tasks import ruler, ruler_sources
 from kvbench.tasks.base import Sample, TaskConfig
 from kvbench.tasks.ruler import Ruler
 
@@ -102,9 +102,10 @@ def test_scoring_is_rulers_string_match():
 
 
 def test_qa_1_never_reads_calibration_articles(samples):
-    evaluation, calibration = ruler.evaluation_squad_titles(), ruler.calibration_squad_titles()
+    evaluation, calibration = ruler_sources.evaluation_squad_titles(), ruler_sources.calibration_squad_titles()
     assert len(calibration) == 6 and len(evaluation) == 29 and not evaluation & calibration
-    held_out = {p["context"] for a in ruler.squad_articles() if a["title"] in calibration for p in a["paragraphs"]}
+    articles = ruler_sources.squad_articles()
+    held_out = {p["context"] for a in articles if a["title"] in calibration for p in a["paragraphs"]}
     for s in samples:
         if s.metadata["subtask"] == "qa_1":
             assert not any(p in s.context for p in held_out)
