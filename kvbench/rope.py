@@ -1,6 +1,6 @@
 """Rotary position embedding, undone and redone: what low-rank key caches need.
 
-Low-rank keys lose far less when projected *before* RoPE (DESIGN.md, measured on SmolLM2: relative
+Low-rank keys lose far less when projected *before* RoPE (docs/methods/lowrank.md, measured on SmolLM2: relative
 error 0.10 vs 0.20 at half the dimensions), but attention hands the cache post-RoPE keys. RoPE at
 a position is a rotation of each (i, i + head_dim/2) pair, scaled by the model's
 ``attention_scaling``, so it is inverted exactly from the same cos/sin tables the model uses.

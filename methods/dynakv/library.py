@@ -107,7 +107,7 @@ class GateLibrary:
     """Per model: the covariance basis, and gates trained at any α, loaded or built (and saved) on first use."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: Training, tau: float,
-                 calibration_tokens: int, seed: int, data: str, chunk_tokens: int) -> None:
+                 calibration_tokens: int, seed: int, data: str, chunk_tokens: int, basis: str = "centred") -> None:
         self.model, self.settings, self.tau = model, settings, tau
         self.data = calibration.calibration_data(tokenizer, calibration_tokens, seed, data or None, chunk_tokens)
         chunks = self.data.chunks
@@ -120,7 +120,8 @@ class GateLibrary:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.layers, self.dim = config.num_hidden_layers, config.num_key_value_heads * head_dim
         self.data_key = {"calibration_tokens": calibration_tokens, "seed": seed, "chunk_tokens": chunk_tokens,
-                         "source": self.data.source}
+                         "source": self.data.source} | ({} if basis == "centred" else {"basis": basis})
+        self.centred = basis == "centred"
         self._basis: torch.Tensor | None = None
         self._trained: dict[float, Trained] = {}
         self.basis_path: Path | None = None
@@ -133,7 +134,7 @@ class GateLibrary:
             def build() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
                 from kvbench.methods.dynakv.training import pca_basis
 
-                vectors, values = pca_basis(self.model, self.fit)
+                vectors, values = pca_basis(self.model, self.fit, centred=self.centred)
                 return {"chunks": len(self.fit)}, {"basis": vectors, "eigenvalues": values}
 
             shape = (self.layers, 2, self.dim)

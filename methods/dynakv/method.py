@@ -17,6 +17,11 @@ recorded (``dynakv_threshold``), as are α, the held-out rate and the training c
 the gates used and of the whole α search). Gates for a budget are found (on a first run: trained) when its first
 prefill starts, so that row's ``prefill_s`` includes ``dynakv_setup_s``, the time this took.
 
+``basis=uncentred`` is kvbench's option, not the paper's: ``U`` starts from the eigenvectors of the uncentred
+second moments (as Palu's bases do) instead of the centred covariance (the paper's footnote 2). The paper applies
+``U`` to the raw states (no mean removed), so with the centred basis a cut also drops part of the states' mean,
+which is large where the K/V projections have biases (Qwen2).
+
 ``gate=ranker`` is kvbench's own earlier design, not the paper's (``ranker_variant.py``); its options are
 ``ranker_steps``, ``ranker_lr``, ``objective``, ``window``, ``level_steps``, ``hidden`` and ``multiple``.
 ``adaptive=false`` gives every token of a layer the same rank (the ablation): for ``gate=paper`` the mean K and V
@@ -47,7 +52,7 @@ if TYPE_CHECKING:
 
     from kvbench.layers import CompressedLayer
 
-PAPER_OPTIONS = ("alpha", "tau", "steps", "lr", "basis_lr")
+PAPER_OPTIONS = ("alpha", "tau", "steps", "lr", "basis_lr", "basis")
 RANKER_OPTIONS = ("ranker_steps", "ranker_lr", "objective", "window", "level_steps", "hidden", "multiple")
 
 
@@ -65,6 +70,7 @@ class DynaKV(LowRankMethod):
     steps: int = 32  # training steps per α (one 512-token chunk each)
     lr: float = 0.02  # gate W, b
     basis_lr: float = 1e-4  # basis U
+    basis: str = "centred"  # U's initialisation: the centred covariance (the paper), or "uncentred" moments
     ranker_steps: int = 128
     ranker_lr: float = 3e-3
     objective: str = "attention"
@@ -86,6 +92,8 @@ class DynaKV(LowRankMethod):
                              f"gate={self.gate})")
         if self.alpha < 0 or not 0 <= self.tau < 1 or self.steps < 1 or self.lr <= 0 or self.basis_lr < 0:
             raise ValueError("dynakv needs alpha >= 0, 0 <= tau < 1, steps >= 1, lr > 0 and basis_lr >= 0")
+        if self.basis not in ("centred", "uncentred"):
+            raise ValueError(f"dynakv basis must be centred or uncentred, got {self.basis!r}")
         if min(self.ranker_steps, self.window, self.hidden, self.multiple) < 1 or self.ranker_lr <= 0:
             raise ValueError("dynakv needs ranker_steps, window, hidden and multiple >= 1 and ranker_lr > 0")
         if self.objective not in ("attention", "kl"):
@@ -112,7 +120,7 @@ class DynaKV(LowRankMethod):
             return
         self.rotary = rotary_module(model)
         self.library = GateLibrary(model, tokenizer, self.training(), self.tau, self.calibration_tokens,
-                                   self.calibration_seed, self.data, self.calibration_chunk_tokens)
+                                   self.calibration_seed, self.data, self.calibration_chunk_tokens, self.basis)
         self.active = None
         if self.alpha:
             self.artifact = self.library.at(self.alpha, force=force).path

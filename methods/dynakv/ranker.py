@@ -144,8 +144,8 @@ def arrival_levels(count: int, mean: float, levels: torch.Tensor, allowance: flo
     were owed: error diffusion, so the mean is kept instead of rounded down every time), and never more than
     ``allowance``, the budget left to the layer, so the cache stays within budget while decoding. Returns the
     levels and the new carry. Arriving tokens are not gated: the gates are trained to rank a compressed prompt
-    for the queries that follow it, and ranking a long arriving chunk with them was measured to hurt (note of
-    issue #3: held-out KL 1.02 vs 0.85 at budget 0.25 with 256 arriving tokens).
+    for the queries that follow it, and ranking a long arriving chunk with them was measured to hurt
+    (held-out KL 1.02 vs 0.85 at budget 0.25 with 256 arriving tokens).
     """
     ladder = levels.tolist()
     index = []

@@ -39,10 +39,11 @@ def pre_rope_states(model: torch.nn.Module, chunk: torch.Tensor) -> list[tuple[t
             for layer in cache.layers]
 
 
-def pca_basis(model: torch.nn.Module, chunks: Sequence[torch.Tensor], progress: bool = True,
+def pca_basis(model: torch.nn.Module, chunks: Sequence[torch.Tensor], progress: bool = True, centred: bool = True,
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvectors (columns, descending eigenvalue) of each layer's K and V covariance, ``[layers, 2, d, d]``, and
-    the eigenvalues ``[layers, 2, d]``. Signs are fixed (largest entry of each column positive): reproducible."""
+    the eigenvalues ``[layers, 2, d]``. Signs are fixed (largest entry of each column positive): reproducible.
+    ``centred=False`` takes the uncentred second moments instead, whose leading vectors include the states' mean."""
     sums = moments = None
     count = 0
     for chunk in tqdm(chunks, desc="kvbench: DynaKV basis (covariance)", unit="chunk", disable=not progress,
@@ -54,7 +55,7 @@ def pca_basis(model: torch.nn.Module, chunks: Sequence[torch.Tensor], progress: 
         moments = chunk_moments if moments is None else moments + chunk_moments
         count += stacked.shape[2]
     mean = sums / count
-    covariance = moments / count - mean[..., :, None] * mean[..., None, :]
+    covariance = moments / count - (mean[..., :, None] * mean[..., None, :] if centred else 0)
     values, vectors = torch.linalg.eigh(covariance)
     values, vectors = values.flip(-1), vectors.flip(-1)
     signs = torch.sign(vectors.gather(-2, vectors.abs().argmax(-2, keepdim=True)))

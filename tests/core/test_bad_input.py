@@ -106,6 +106,7 @@ CASES = [
     ("interval", [*RUN, "--methods", "knorm:interval=0"], "interval must be >= 1"),
     ("decoding", [*RUN, "--methods", "tova:decoding=maybe"], "option decoding needs a bool (true or false)"),
     ("tokens-nan", [*RUN, "--methods", "dynakv+snapkv:tokens=nan"], "option tokens needs a finite float"),
+    ("dynakv-basis", [*RUN, "--methods", "dynakv:basis=mean"], "dynakv basis must be centred or uncentred"),
     # run settings
     ("seed-huge", [*SNAPKV, "--seed", "99999999999999999999999"], "--seed must be in [0, 2**32)"),
     ("seed-negative", [*SNAPKV, "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),

@@ -12,7 +12,7 @@ from dynakv_helpers import one_thread  # noqa: F401 - autouse fixture
 from kvbench.calibration import calibration_data
 from kvbench.methods.dynakv.library import ABOVE, BELOW, alpha_at, search_index
 from kvbench.methods.dynakv.spectral import SpectralGates, Training, hard_ranks, soft_mask
-from kvbench.methods.dynakv.training import heldout_ranks, pca_basis, train, training_loss
+from kvbench.methods.dynakv.training import heldout_ranks, pca_basis, pre_rope_states, train, training_loss
 from kvbench.testing import ByteTokenizer, calibration_file, tiny_model
 
 
@@ -67,6 +67,20 @@ def test_pca_basis_is_orthonormal_and_sorted_by_descending_variance(setup):
     eye = torch.eye(basis.shape[-1]).expand_as(basis)
     torch.testing.assert_close(basis.transpose(-1, -2) @ basis, eye, atol=1e-4, rtol=0)
     assert (eigenvalues.diff(dim=-1) <= 1e-6).all() and eigenvalues[..., 0].min() > 0
+
+
+def test_uncentred_basis_adds_the_states_mean_to_the_covariance(setup):
+    """``basis=uncentred`` (kvbench's option): the eigenpairs of the second moments = covariance + mean meanᵀ."""
+    model, basis, eigenvalues, fit, _ = setup
+    moments_basis, moments_values = pca_basis(model, fit, progress=False, centred=False)
+    states = [torch.stack([torch.stack(pair) for pair in pre_rope_states(model, chunk)]).double() for chunk in fit]
+    mean = torch.cat(states, dim=2).mean(dim=2)  # [layers, 2, d]
+
+    def rebuilt(vectors, values):
+        return (vectors.double() * values.double()[..., None, :]) @ vectors.double().transpose(-1, -2)
+
+    difference = rebuilt(moments_basis, moments_values) - rebuilt(basis, eigenvalues)
+    torch.testing.assert_close(difference, mean[..., :, None] * mean[..., None, :], atol=1e-3, rtol=1e-3)
 
 
 SETTINGS = Training(steps=10, lr=0.5, basis_lr=1e-3)  # a tiny random model needs a large step to move
