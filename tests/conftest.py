@@ -31,3 +31,12 @@ def llama() -> torch.nn.Module:
 @pytest.fixture
 def prompt() -> torch.Tensor:
     return random_prompt(96, seed=1)
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    """A private KVBENCH_CACHE per test module: its calibration artifacts are built once and shared by its tests."""
+    with pytest.MonkeyPatch.context() as patch:
+        root = tmp_path_factory.mktemp("kvbench-cache")
+        patch.setenv("KVBENCH_CACHE", str(root))
+        yield root

@@ -24,14 +24,6 @@ TINY = dict(calibration_tokens=1536, steps=4, lr=0.05, alpha=2.0)
 
 
 @pytest.fixture(scope="module")
-def cache_root(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        root = tmp_path_factory.mktemp("kvbench-cache")
-        patch.setenv("KVBENCH_CACHE", str(root))
-        yield root
-
-
-@pytest.fixture(scope="module")
 def text(tmp_path_factory) -> str:
     return str(calibration_file(tmp_path_factory.mktemp("text"), paragraphs=60))
 

@@ -23,14 +23,6 @@ TINY = dict(gate="ranker", calibration_tokens=CALIBRATION_TOKENS, ranker_steps=6
 
 
 @pytest.fixture(scope="module")
-def cache_root(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        root = tmp_path_factory.mktemp("kvbench-cache")
-        patch.setenv("KVBENCH_CACHE", str(root))
-        yield root
-
-
-@pytest.fixture(scope="module")
 def calibrated(cache_root):
     """One calibrated ranker DynaKV per tiny model, shared by the tests of this module."""
     methods: dict[int, DynaKV] = {}
