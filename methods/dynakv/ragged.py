@@ -5,11 +5,11 @@ unpadded, and each token's rank (the subclass stores the ranks; ``row_ranks``). 
 rank class ``[RATIO^k, RATIO^(k+1))``: one flat tensor per class, its tokens in held order, new tokens appended
 to their class. ``LatentLayer.attend`` (see ``methods/lowrank/latent_attention.py``) takes the held latents as
 blocks of one width each: a class's bucket is viewed in place when its tokens all keep the same rank, else
-scattered into a transient block as wide as its largest rank, zeros beyond each token's prefix (exact:
+copied into a transient block as wide as its largest rank, zeros beyond each token's prefix (``dense``; exact:
 ``x̃[:r] U⁻¹[:r, :]`` equals the zero-padded ``x̃`` times ``U⁻¹``). A block therefore holds less than ``RATIO``
 times the coefficients its tokens store, and a layer has at most ``1 + log_RATIO(d)`` blocks per kind (4 when
 ``d`` is 128 or 192). One bucket per distinct rank would need no padding but costs a few kernel calls per rank,
-and the trained gates give values dozens of distinct ranks per layer (SmolLM2-135M's keys: one to three).
+and the trained gates give values dozens of distinct ranks per layer (SmolLM2-135M's keys: one to five in most layers).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kvbench.layers import LAST_UPDATE
+from kvbench.methods.dynakv.kernel import pad_rows
 from kvbench.methods.lowrank.codec import LatentLayer
 from kvbench.methods.lowrank.latent_attention import LatentBlock, latent_attention
 
@@ -30,7 +31,11 @@ def prefix_mask(ranks: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def dense(flat: torch.Tensor, ranks: torch.Tensor, width: int) -> torch.Tensor:
-    """``[tokens, width]``: each token's prefix in place, zeros beyond (``width`` >= every rank)."""
+    """``[tokens, width]``: each token's prefix in place, zeros beyond (``width`` >= every rank); compiled where it
+    can be (``kernel.py``: decoding pads on every step)."""
+    padded = pad_rows(flat, ranks, width)
+    if padded is not None:
+        return padded
     return flat.new_zeros(ranks.shape[0], width).masked_scatter_(prefix_mask(ranks, width), flat)
 
 

@@ -128,11 +128,7 @@ def latent_attention(codec, query: torch.Tensor, scaling: float, keys: list[Late
         hidden = positions[:, None, None, None, :] > query_positions  # [batch, 1, 1, q_len, held]
         scores.masked_fill_(hidden, float("-inf"))
     probabilities = scores.softmax(-1).view(batch, kv_heads, per_kv, held)
-    mixed = None
-    for block in values:
-        weights = probabilities if block.columns is None else probabilities.index_select(-1, block.columns)
-        part = _mix(codec, weights.to(block.latents.dtype), block.latents)
-        mixed = part if mixed is None else mixed + part
+    mixed = _mix(codec, probabilities, values)
     return mixed.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous().to(query.dtype)
 
 
@@ -155,17 +151,26 @@ def _per_head(codec, latents: torch.Tensor, heads: torch.Tensor) -> torch.Tensor
                                    heads[g * per_group:(g + 1) * per_group, :width]) for g in range(groups)], 1)
 
 
-def _mix(codec, weights: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """``weights`` ``[batch, kv_heads, rows, tokens]`` times the tokens' values, projected once: ``(P Z) B^T``."""
-    heads = codec.value_heads.to(latents.dtype)
+def _mix(codec, probabilities: torch.Tensor, values: list[LatentBlock]) -> torch.Tensor:
+    """``probabilities`` ``[batch, kv_heads, rows, held]`` times the held values, projected once: ``(P Z) B^T``.
+    Each block's ``P Z`` is added into the first columns of one sum per head group (a block of width ``r'`` holds
+    the prefix ``r'`` of the basis), so blocks of several widths cost one projection."""
     groups = codec.groups
-    width = latents.shape[-1] // groups
     per_group = codec.kv_heads // groups
-    batch, _, rows, tokens = weights.shape
-    out = []
-    for g in range(groups):
-        group_weights = weights[:, g * per_group:(g + 1) * per_group].reshape(batch, per_group * rows, tokens)
-        coefficients = torch.matmul(group_weights, latents[..., g * width:(g + 1) * width])
-        coefficients = coefficients.view(batch, per_group, rows, width)
-        out.append(torch.matmul(coefficients, heads[g * per_group:(g + 1) * per_group, :width]))
+    batch, _, rows, _ = probabilities.shape
+    sums: list[torch.Tensor | None] = [None] * groups
+    for block in sorted(values, key=lambda b: -b.latents.shape[-1]):  # the widest first: it sets the sum's width
+        width = block.latents.shape[-1] // groups
+        weights = probabilities if block.columns is None else probabilities.index_select(-1, block.columns)
+        weights = weights.to(block.latents.dtype)
+        for g in range(groups):
+            group_weights = weights[:, g * per_group:(g + 1) * per_group].reshape(batch, per_group * rows, -1)
+            part = torch.matmul(group_weights, block.latents[..., g * width:(g + 1) * width])
+            if sums[g] is None:
+                sums[g] = part
+            else:
+                sums[g][..., :width] += part
+    heads = codec.value_heads.to(sums[0].dtype)
+    out = [torch.matmul(total.view(batch, per_group, rows, -1),
+                        heads[g * per_group:(g + 1) * per_group, :total.shape[-1]]) for g, total in enumerate(sums)]
     return out[0] if groups == 1 else torch.cat(out, 1)

@@ -179,3 +179,28 @@ def test_a_block_holds_less_than_ratio_times_its_stored_coefficients():
     same = torch.arange(12.0)
     _, view = blocks_of((same, torch.tensor([3, 3, 3, 3])))  # one rank: the stored tensor itself, no copy
     assert len(view) == 1 and view[0].latents.data_ptr() == same.data_ptr() and view[0].latents.shape == (1, 4, 3)
+
+
+def test_the_compiled_padding_equals_torch_padding(monkeypatch):
+    """``kernel.pad_rows`` (compiled C) gives what ``masked_scatter_`` gives, rank 0 and the widest rank included;
+    where it cannot apply (no compiler, disabled, a dtype it does not take) ``dense`` pads with torch."""
+    from kvbench.methods.dynakv import kernel
+
+    if kernel.library() is None:
+        pytest.skip("no C compiler here: dense pads with torch (the fallback is what the other tests run)")
+    ranks = torch.tensor([0, 1, 7, 192, 64, 0, 3], dtype=torch.uint8)
+    flat = torch.randn(int(ranks.sum()))
+    reference = flat.new_zeros(7, 192).masked_scatter_(ragged.prefix_mask(ranks.long(), 192), flat)
+    assert torch.equal(kernel.pad_rows(flat, ranks, 192), reference)
+    assert torch.equal(ragged.dense(flat, ranks.long(), 192), reference)
+    assert kernel.pad_rows(flat.double(), ranks, 192) is None  # float32 only: dense pads with torch
+    assert torch.equal(ragged.dense(flat.double(), ranks.long(), 192), reference.double())
+    with pytest.raises(ValueError, match="exceed width"):
+        kernel.pad_rows(flat, ranks, 100)  # never a write past the row
+    with pytest.raises(ValueError, match="sum to"):
+        kernel.pad_rows(flat[:-1], ranks, 192)  # never a read past the coefficients
+    monkeypatch.setattr(kernel, "_tried", False)
+    monkeypatch.setattr(kernel, "_library", None)
+    monkeypatch.setenv("KVBENCH_RAGGED_KERNEL", "0")
+    assert kernel.pad_rows(flat, ranks, 192) is None
+    assert torch.equal(ragged.dense(flat, ranks.long(), 192), reference)
