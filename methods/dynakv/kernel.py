@@ -1,4 +1,5 @@
-"""Padding ragged prefixes into a dense block, compiled: the step attention over DynaKV's ragged storage needs.
+"""Padding ragged prefixes into a dense block in compiled code: the copy that attention over DynaKV's ragged
+storage makes on every decoding step.
 
 Attention reads a rank class's tokens as one block as wide as its largest rank, zeros beyond each token's prefix
 (``ragged.dense``). torch has no CPU kernel for that copy: ``masked_scatter_`` with a ``[tokens, width]`` mask
@@ -98,8 +99,10 @@ def pad_rows(flat: torch.Tensor, ranks: torch.Tensor, width: int) -> torch.Tenso
     if kernel is None:
         return None
     flat, ranks = flat.contiguous(), ranks.to(torch.int64).contiguous()
-    if int(ranks.sum()) != flat.numel() or ranks.numel() and int(ranks.max()) > width:
-        raise ValueError(f"ranks sum to {int(ranks.sum())} for {flat.numel()} coefficients or exceed width {width}")
+    low, high = (int(r) for r in ranks.aminmax()) if ranks.numel() else (0, 0)
+    if int(ranks.sum()) != flat.numel() or low < 0 or high > width:
+        raise ValueError(f"ranks in [{low}, {high}] summing to {int(ranks.sum())} do not fit {flat.numel()} "
+                         f"coefficients in rows of width {width}")
     out = flat.new_empty(ranks.shape[0], width)
     kernel.pad_rows(flat.data_ptr(), ranks.data_ptr(), ranks.shape[0], width, out.data_ptr())
     return out

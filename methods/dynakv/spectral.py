@@ -86,9 +86,13 @@ class SpectralGates(nn.Module):
         return soft_mask(coefficients @ weight + self.bias[layer].reshape(2, *([1] * extra), self.dim))
 
     def freeze(self) -> SpectralGates:
-        """For inference: no gradients, and ``U⁻¹`` computed once (float64)."""
+        """For inference: no gradients, and ``U⁻¹`` computed once (float64). One matrix at a time: after
+        ``torch.set_num_threads(2)``, the batched LU of torch 2.13's CPU build (oneMKL) fails ("DLASWP") and never
+        returns."""
         self.requires_grad_(False)
-        self._inverse = torch.linalg.inv(self.basis.double()).to(self.basis.dtype)
+        matrices = self.basis.detach().double().flatten(0, 1)
+        inverse = torch.stack([torch.linalg.inv(matrix) for matrix in matrices]).view_as(self.basis)
+        self._inverse = inverse.to(self.basis.dtype)
         return self.eval()
 
     def inverse(self, layer: int, kind: int) -> torch.Tensor:

@@ -195,10 +195,12 @@ def test_the_compiled_padding_equals_torch_padding(monkeypatch):
     assert torch.equal(ragged.dense(flat, ranks.long(), 192), reference)
     assert kernel.pad_rows(flat.double(), ranks, 192) is None  # float32 only: dense pads with torch
     assert torch.equal(ragged.dense(flat.double(), ranks.long(), 192), reference.double())
-    with pytest.raises(ValueError, match="exceed width"):
+    with pytest.raises(ValueError, match="do not fit"):
         kernel.pad_rows(flat, ranks, 100)  # never a write past the row
-    with pytest.raises(ValueError, match="sum to"):
+    with pytest.raises(ValueError, match="do not fit"):
         kernel.pad_rows(flat[:-1], ranks, 192)  # never a read past the coefficients
+    with pytest.raises(ValueError, match="do not fit"):
+        kernel.pad_rows(flat, torch.tensor([-1, *ranks[1:].tolist(), 1]), 192)  # nor a negative length
     monkeypatch.setattr(kernel, "_tried", False)
     monkeypatch.setattr(kernel, "_library", None)
     monkeypatch.setenv("KVBENCH_RAGGED_KERNEL", "0")

@@ -176,3 +176,19 @@ def test_keys_are_unrotated_with_the_models_own_rotation():
     cos, sin = cos_sin(rotary, positions.reshape(-1), torch.float32)
     rotated = apply_rope(keys, cos.reshape(2, 1, 3, 16), sin.reshape(2, 1, 3, 16))
     torch.testing.assert_close(pre_rope(rotated, positions, rotary), keys, atol=1e-5, rtol=1e-5)
+
+
+def test_freezing_inverts_every_basis_with_two_threads_set():
+    """``U⁻¹`` for inference, in a fresh process after ``torch.set_num_threads(2)`` (batched LU hangs there in
+    torch 2.13's CPU build): it returns, and ``U U⁻¹ = I`` for every layer and kind."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom kvbench.methods.dynakv.spectral import SpectralGates\n"
+            "torch.set_num_threads(2)\ngates = SpectralGates(2, 192)\n"
+            "with torch.no_grad():\n    gates.basis.add_(0.05 * torch.randn(gates.basis.shape))\n"
+            "gates.freeze()\nproduct = gates.basis.double() @ gates._inverse.double()\n"
+            "print(float((product - torch.eye(192, dtype=torch.float64)).abs().max()))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) < 1e-4
