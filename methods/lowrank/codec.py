@@ -39,13 +39,17 @@ class LowRankCodec:
     kv_heads: int
     head_dim: int
     rotary: torch.nn.Module
-    # Per KV head, the rows of its group's basis, transposed: ``[kv_heads, rank, head_dim]``, the form attention
-    # uses (keys with RoPE pairs interleaved, see ``latent_attention``).
-    key_heads_interleaved: torch.Tensor = field(init=False, repr=False)
+    # The forms attention uses: per KV head, the rows of its group's basis, transposed, ``[kv_heads, rank,
+    # head_dim]`` (values); for keys, per group, its heads' rows side by side, ``[groups, rank, group_dim]``, with
+    # RoPE pairs interleaved within each head (see ``latent_attention``).
+    key_rows_interleaved: torch.Tensor = field(init=False, repr=False)
     value_heads: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.key_heads_interleaved = interleaved(self._per_head(self.key_basis))
+        keys = interleaved(self._per_head(self.key_basis))
+        groups, rank = self.key_basis.shape[0], self.key_basis.shape[2]
+        per_group = keys.reshape(groups, self.kv_heads // groups, rank, self.head_dim).transpose(1, 2)
+        self.key_rows_interleaved = per_group.reshape(groups, rank, -1).contiguous()
         self.value_heads = self._per_head(self.value_basis)
 
     def _per_head(self, basis: torch.Tensor) -> torch.Tensor:

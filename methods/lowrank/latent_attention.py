@@ -113,11 +113,11 @@ def latent_attention(codec, query: torch.Tensor, scaling: float, keys: list[Late
             part = slice(start, min(tokens, start + step))
             where = part if block.columns is None else block.columns[part]
             if first_position is not None and block.columns is None:
-                rotation = table[first_position + part.start:first_position + part.stop]
+                rotation = table[first_position + part.start:first_position + part.stop].unsqueeze(1)
             else:
-                rotation = table[positions[:, where].long()].unsqueeze(1)
+                rotation = table[positions[:, where].long()].unsqueeze(2)
             rotated = _rotated(codec, block.latents[:, part], rotation, query.dtype)
-            chunk = torch.matmul(grouped, rotated.transpose(-1, -2))
+            chunk = torch.matmul(grouped, rotated.permute(0, 2, 3, 1))
             if block.columns is None:
                 scores[..., where] = chunk
             else:
@@ -133,44 +133,47 @@ def latent_attention(codec, query: torch.Tensor, scaling: float, keys: list[Late
 
 
 def _rotated(codec, latents: torch.Tensor, rotation: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Post-RoPE keys ``[batch, kv_heads, tokens, head_dim]`` (columns interleaved) of ``latents``."""
-    keys = _per_head(codec, latents, codec.key_heads_interleaved.to(latents.dtype))
-    batch, kv_heads, tokens, head_dim = keys.shape
-    pairs = torch.view_as_complex(keys.float().reshape(batch, kv_heads, tokens, head_dim // 2, 2))
-    return torch.view_as_real(pairs * rotation).reshape(batch, kv_heads, tokens, head_dim).to(dtype)
-
-
-def _per_head(codec, latents: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-    """Latents ``[batch, tokens, groups * r']`` times per-head rows ``heads`` -> ``[batch, kv_heads, tokens, d]``."""
-    groups = codec.groups
+    """Post-RoPE keys ``[batch, tokens, kv_heads, head_dim]`` (columns interleaved) of ``latents``: one product per
+    head group, whose output rows are every head of the group side by side, then rotated in place."""
+    groups, kv_heads = codec.groups, codec.kv_heads
     width = latents.shape[-1] // groups
-    if groups == 1:
-        return torch.matmul(latents.unsqueeze(1), heads[:, :width])
-    per_group = codec.kv_heads // groups
-    return torch.cat([torch.matmul(latents[..., g * width:(g + 1) * width].unsqueeze(1),
-                                   heads[g * per_group:(g + 1) * per_group, :width]) for g in range(groups)], 1)
+    rows = codec.key_rows_interleaved.to(latents.dtype)
+    parts = [torch.matmul(latents[..., g * width:(g + 1) * width], rows[g, :width]) for g in range(groups)]
+    keys = (parts[0] if groups == 1 else torch.cat(parts, -1)).float()
+    batch, tokens, _ = keys.shape
+    torch.view_as_complex(keys.view(batch, tokens, kv_heads, -1, 2)).mul_(rotation)
+    return keys.view(batch, tokens, kv_heads, -1).to(dtype)
 
 
 def _mix(codec, probabilities: torch.Tensor, values: list[LatentBlock]) -> torch.Tensor:
     """``probabilities`` ``[batch, kv_heads, rows, held]`` times the held values, projected once: ``(P Z) B^T``.
     Each block's ``P Z`` is added into the first columns of one sum per head group (a block of width ``r'`` holds
-    the prefix ``r'`` of the basis), so blocks of several widths cost one projection."""
+    the prefix ``r'`` of the basis), so blocks of several widths cost one projection. Blocks that hold some of the
+    tokens select their probabilities from one token-major copy (a row per token: whole rows are gathered, several
+    times faster than gathering along the last dimension)."""
     groups = codec.groups
-    per_group = codec.kv_heads // groups
-    batch, _, rows, _ = probabilities.shape
+    batch, kv_heads, rows, held = probabilities.shape
+    span = kv_heads // groups * rows  # rows of one head group
+    flat = probabilities.reshape(batch, kv_heads * rows, held)
+    by_token: torch.Tensor | None = None
     sums: list[torch.Tensor | None] = [None] * groups
     for block in sorted(values, key=lambda b: -b.latents.shape[-1]):  # the widest first: it sets the sum's width
         width = block.latents.shape[-1] // groups
-        weights = probabilities if block.columns is None else probabilities.index_select(-1, block.columns)
+        if block.columns is None:
+            weights = flat
+        else:
+            if by_token is None:
+                by_token = flat.transpose(1, 2).contiguous()
+            weights = by_token.index_select(1, block.columns).transpose(1, 2)
         weights = weights.to(block.latents.dtype)
         for g in range(groups):
-            group_weights = weights[:, g * per_group:(g + 1) * per_group].reshape(batch, per_group * rows, -1)
-            part = torch.matmul(group_weights, block.latents[..., g * width:(g + 1) * width])
+            part = torch.matmul(weights[:, g * span:(g + 1) * span], block.latents[..., g * width:(g + 1) * width])
             if sums[g] is None:
                 sums[g] = part
             else:
                 sums[g][..., :width] += part
     heads = codec.value_heads.to(sums[0].dtype)
+    per_group = kv_heads // groups
     out = [torch.matmul(total.view(batch, per_group, rows, -1),
                         heads[g * per_group:(g + 1) * per_group, :total.shape[-1]]) for g, total in enumerate(sums)]
     return out[0] if groups == 1 else torch.cat(out, 1)
