@@ -11,7 +11,9 @@ REPEATS=${REPEATS:-2}
 SUFFIX=${SUFFIX:-}
 
 # Latent (dimension) methods and compositions at budget 0.5: the decode-speed target (>= 0.8x full's tokens/s).
-$PY -m kvbench bench --model smollm2-135m --device cpu --methods palu,dynakv,palu+snapkv,dynakv+snapkv \
+# dynakv:adaptive=false keeps DynaKV's per-layer ranks but gives every token the same one: what per-token ranks cost.
+$PY -m kvbench bench --model smollm2-135m --device cpu \
+    --methods palu,dynakv,dynakv:adaptive=false,palu+snapkv,dynakv+snapkv \
     --budget 0.5 --lengths "$LENGTHS" --decode-tokens 128 --repeats "$REPEATS" --run-id "speed-cpu-latent$SUFFIX"
 
 # Token methods: prefill with compression vs full (target <= 1.05x at 8K) and decoding against the limit.

@@ -8,9 +8,12 @@ coefficients directly (``ragged.py``): the reconstruction ``x̃[:r] U⁻¹[:r, :
 is ``U⁻¹ᵀ``, keys re-rotated at their true positions inside the attention, values mixed as latents.
 
 Tokens that arrive after compression (a question chunk, decoded tokens) are gated the same way, at the
-layer's threshold, and stored compressed. Right after the prompt's compression the layer also holds each kept
-coefficient's soft-mask value (``masks``, transient, counted while held) so that ``DynaKV.finish`` can raise the
-threshold across all layers when the prompt's ranks exceed the budget; it then drops them.
+layer's threshold, and stored compressed. Right after the prompt's compression the layer holds the prompt's kept
+coefficients in held order, not yet bucketed (``pending``), with each one's soft-mask value (``masks``; both
+counted while held), so that ``DynaKV.finish`` can raise the threshold across all layers when the prompt's ranks
+exceed the budget; ``truncate`` then cuts them once and buckets them once (bucketing at compression and again
+after the cut cost about a third of DynaKV's prefill overhead at 8K tokens). Reading the layer before that
+settles it at its own threshold.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from kvbench.methods.dynakv.ragged import KINDS, RaggedLayer, prefix_mask
 from kvbench.methods.dynakv.spectral import SpectralGates, hard_ranks, merge_heads, rank_dtype
 from kvbench.methods.lowrank.allocation import POSITION_DTYPE
 from kvbench.methods.lowrank.codec import LowRankCodec
-from kvbench.methods.lowrank.latent_attention import RopeTable
+from kvbench.methods.lowrank.latent_attention import LatentBlock, RopeTable
 
 FIRST = 2.0  # the stored soft mask of a token's first coefficient: above any threshold (soft masks are <= 1)
 
@@ -57,6 +60,7 @@ class PrefixLayer(RaggedLayer):
     def _clear(self) -> None:
         self.ranks: dict[str, torch.Tensor | None] = dict.fromkeys(KINDS)  # [batch, held]
         self.masks: dict[str, list[torch.Tensor]] | None = None  # per batch row, flat: soft mask of each kept one
+        self.pending: dict[str, list[torch.Tensor]] | None = None  # per batch row, flat: the prompt's kept ones
 
     @property
     def is_prefix(self) -> bool:
@@ -81,7 +85,9 @@ class PrefixLayer(RaggedLayer):
     def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
               keep_masks: bool = False) -> None:
         """Gate and append new tokens (post-RoPE ``keys``, ``values`` ``[batch, kv_heads, new, head_dim]``);
-        ``keep_masks``: also hold the kept coefficients' soft masks (the prompt's, for the budget guard)."""
+        ``keep_masks``: hold the kept coefficients unbucketed, with their soft masks, for the budget guard (the
+        prompt's: ``truncate`` settles them)."""
+        self.settle()
         (batch, _, new, _), dim, dtype = keys.shape, self.gates.dim, keys.dtype
         held = 0 if self.positions is None else self.positions.shape[1]
         with torch.no_grad():
@@ -96,13 +102,16 @@ class PrefixLayer(RaggedLayer):
                 ranks = torch.stack([uniform_ranks(mean, held, new, dim) for mean in self.uniform])
                 ranks = ranks.to(keys.device)[:, None].expand(2, batch, new)
             if keep_masks:
-                self.masks = {kind: [] for kind in KINDS}
+                self.masks, self.pending = {kind: [] for kind in KINDS}, {kind: [] for kind in KINDS}
             for index, kind in enumerate(KINDS):
                 for b in range(batch):
                     keep = prefix_mask(ranks[index, b], dim)
-                    self.append(kind, b, coefficients[index, b][keep].to(dtype), ranks[index, b])
+                    kept = coefficients[index, b][keep].to(dtype)
                     if keep_masks:
+                        self.pending[kind].append(kept)
                         self.masks[kind].append(mask[index, b][keep])
+                    else:
+                        self.append(kind, b, kept, ranks[index, b])
                 stored, old = ranks[index].to(rank_dtype(dim)), self.ranks[kind]
                 self.ranks[kind] = stored if old is None else torch.cat([old, stored], dim=1)
         positions = positions.to(POSITION_DTYPE)
@@ -112,24 +121,41 @@ class PrefixLayer(RaggedLayer):
         return self.ranks[kind][row]
 
     def truncate(self, threshold: float) -> None:
-        """Raise the threshold to ``threshold``: keep only coefficients whose soft mask exceeds it (a prefix again,
-        since the mask does not increase along a token), then drop the soft masks."""
-        if self.masks is not None and threshold > self.threshold:
-            for kind in KINDS:
-                held = self.ranks[kind].shape[1]
-                kept, ranks = [], []
-                for b, mask in enumerate(self.masks[kind]):
-                    flat, old = self.row_latents(kind, b)
+        """Settle the prompt's pending coefficients at ``threshold`` if it is above the layer's own (keep only those
+        whose soft mask exceeds it: a prefix again, since the mask does not increase along a token), bucket them,
+        then drop the soft masks."""
+        if self.pending is None:
+            return
+        raise_to = threshold > self.threshold
+        for kind in KINDS:
+            ranks = []
+            for b, (flat, mask) in enumerate(zip(self.pending[kind], self.masks[kind], strict=True)):
+                row = self.ranks[kind][b]
+                if raise_to:
                     keep = mask > threshold
-                    token = torch.repeat_interleave(torch.arange(held, device=flat.device), old)
-                    kept.append(flat[keep])
-                    ranks.append(torch.bincount(token[keep], minlength=held))
-                self.ranks[kind] = torch.stack(ranks).to(self.ranks[kind].dtype)
-                for b, (flat, row) in enumerate(zip(kept, ranks, strict=True)):
-                    self.clear_row(kind, b)
-                    self.append(kind, b, flat, row)
-            self.threshold = threshold
-        self.masks = None
+                    token = torch.repeat_interleave(torch.arange(row.shape[0], device=flat.device), row.long())
+                    flat, row = flat[keep], torch.bincount(token[keep], minlength=row.shape[0]).to(row.dtype)
+                self.append(kind, b, flat, row)
+                ranks.append(row)
+            self.ranks[kind] = torch.stack(ranks)
+        self.threshold = max(threshold, self.threshold)
+        self.masks = self.pending = None
+
+    def settle(self) -> None:
+        """Bucket pending coefficients at the layer's threshold (the layer is read before ``DynaKV.finish`` ran)."""
+        self.truncate(self.threshold)
+
+    def row_blocks(self, row: int) -> tuple[list[LatentBlock], list[LatentBlock]]:
+        self.settle()
+        return super().row_blocks(row)
+
+    def row_latents(self, kind: str, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.settle()
+        return super().row_latents(kind, row)
+
+    def stored_buckets(self) -> list[torch.Tensor]:
+        pending = [] if self.pending is None else [t for kind in KINDS for t in self.pending[kind]]
+        return super().stored_buckets() + pending
 
     def soft_masks(self) -> list[torch.Tensor]:
         return [] if self.masks is None else [m for kind in KINDS for m in self.masks[kind]]

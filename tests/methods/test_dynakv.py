@@ -13,8 +13,9 @@ from transformers import GenerationConfig
 
 from kvbench.methods.dynakv import DynaKV
 from kvbench.methods.dynakv.library import dims_for_budget, metadata_fraction
-from kvbench.methods.dynakv.prefix import PrefixLayer
-from kvbench.methods.dynakv.ragged import rank_classes
+from kvbench.methods.dynakv.prefix import FIRST, PrefixLayer, pre_rope
+from kvbench.methods.dynakv.ragged import prefix_mask, rank_classes
+from kvbench.methods.dynakv.spectral import hard_ranks, merge_heads
 from kvbench.prefill import prepare
 from kvbench.spec import SpecError, parse_spec
 from kvbench.testing import calibration_file
@@ -104,6 +105,36 @@ def test_every_stored_byte_is_counted_and_the_budget_holds(model, prompt, calibr
     for layer in cache.layers:
         assert layer.positions[0].tolist() == list(range(104)) and layer.nbytes() == expected_bytes(layer)
         assert int(layer.ranks["key"][0, 96:].max()) < dim(model)
+
+
+def test_the_guard_keeps_what_the_gates_keep_at_its_threshold(llama, prompt, calibrated, monkeypatch):
+    """The guard cuts each layer's prompt once, at the raised threshold: every token keeps the coefficients whose
+    soft mask the gates put above it, recomputed here from the dense states each layer compressed."""
+    dense = {}
+    compress = PrefixLayer.compress
+
+    def recording(layer, gates, layer_idx, *args, **kwargs):
+        dense[layer_idx] = layer.keys.clone(), layer.values.clone()
+        compress(layer, gates, layer_idx, *args, **kwargs)
+
+    monkeypatch.setattr(PrefixLayer, "compress", recording)
+    method = calibrated(llama)
+    cache, _ = prefill(llama, prompt, method, 0.25)
+    threshold = method.row_fields(llama)["dynakv_threshold"]
+    assert threshold > method.tau and len(dense) == len(cache.layers)
+    gates, width = method.active.gates, dim(llama)
+    for index, layer in enumerate(cache.layers):
+        keys, values = dense[index]
+        positions = torch.arange(keys.shape[2])[None]
+        states = torch.stack([merge_heads(pre_rope(keys, positions, layer.codec.rotary)), merge_heads(values)])
+        coefficients = states @ gates.basis[index, :, None]
+        mask = gates.layer_masks(coefficients, index)
+        mask[..., 0] = FIRST
+        ranks = hard_ranks(mask, threshold)
+        for k, kind in enumerate(("key", "value")):
+            flat, kept = layer.row_latents(kind, 0)
+            assert torch.equal(kept.long(), ranks[k, 0])
+            assert torch.equal(flat, coefficients[k, 0][prefix_mask(ranks[k, 0], width)])
 
 
 def test_a_prompt_within_budget_keeps_the_papers_threshold(llama, prompt, calibrated):
