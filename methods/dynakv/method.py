@@ -180,23 +180,23 @@ class DynaKV(LowRankMethod):
         """The budget guard: if the prompt's ranks exceed the budget, one higher threshold for every layer."""
         if self.ranker is not None:
             return
-        from kvbench.methods.dynakv.prefix import FIRST
+        from kvbench.methods.dynakv.prefix import FIRST, cut_threshold
 
         layers = [layer for layer in cache.layers if getattr(layer, "is_prefix", False)]
         masks = [m for layer in layers for m in layer.soft_masks()]
         threshold = self.tau
         if masks:
-            flat = torch.cat(masks)
-            transient = flat.numel() * flat.element_size()
+            held = sum(m.numel() for m in masks)
+            transient = sum(m.numel() * m.element_size() for m in masks)
             excess = cache.nbytes() - transient - cache.budget * cache.full_nbytes()
             if excess > 0:
                 element = layers[0].stored_buckets()[0].element_size()
-                capacity = flat.numel() - math.ceil(excess / element)
-                floor = int((flat == FIRST).sum())  # every token keeps its first coefficient
+                capacity = held - math.ceil(excess / element)
+                floor = sum(int((m == FIRST).sum()) for m in masks)  # every token keeps its first coefficient
                 if capacity < floor:
                     raise ValueError(f"budget {cache.budget:g} is below DynaKV's floor (one coefficient of K and of V "
                                      "per token, plus its rank and position)")
-                threshold = float(torch.kthvalue(flat, flat.numel() - capacity).values)
+                threshold = cut_threshold(masks, held - capacity)
         for layer in layers:
             layer.truncate(threshold)
         self._row["dynakv_threshold"] = threshold

@@ -13,7 +13,7 @@ from transformers import GenerationConfig
 
 from kvbench.methods.dynakv import DynaKV
 from kvbench.methods.dynakv.library import dims_for_budget, metadata_fraction
-from kvbench.methods.dynakv.prefix import FIRST, PrefixLayer, pre_rope
+from kvbench.methods.dynakv.prefix import FIRST, PrefixLayer, cut_threshold, pre_rope
 from kvbench.methods.dynakv.ragged import prefix_mask, rank_classes
 from kvbench.methods.dynakv.spectral import hard_ranks, merge_heads
 from kvbench.prefill import prepare
@@ -135,6 +135,21 @@ def test_the_guard_keeps_what_the_gates_keep_at_its_threshold(llama, prompt, cal
             flat, kept = layer.row_latents(kind, 0)
             assert torch.equal(kept.long(), ranks[k, 0])
             assert torch.equal(flat, coefficients[k, 0][prefix_mask(ranks[k, 0], width)])
+
+
+@pytest.mark.parametrize("bins", [8, 4096])
+def test_the_guards_cut_is_the_kth_smallest_soft_mask(bins):
+    """``cut_threshold`` equals ``kthvalue`` of the concatenation, with ties, values on bin edges and the first
+    coefficients' ``FIRST`` (never cut) mixed in."""
+    generator = torch.Generator().manual_seed(0)
+    edges = torch.arange(9) / 8  # on the edges of 8 bins
+    masks = [torch.rand(500, generator=generator), edges.repeat(20), torch.full((40,), FIRST),
+             torch.cat([torch.rand(300, generator=generator) ** 4, torch.full((50,), 0.25)])]
+    everything = torch.cat(masks)
+    below_first = int((everything < FIRST).sum())
+    for remove in [1, 2, 7, 100, 180, 181, 500, 777, below_first - 1, below_first]:
+        expected = float(torch.kthvalue(everything, remove).values)
+        assert cut_threshold(masks, remove, bins) == expected, remove
 
 
 def test_a_prompt_within_budget_keeps_the_papers_threshold(llama, prompt, calibrated):
