@@ -43,8 +43,8 @@ def cut_threshold(masks: list[torch.Tensor], remove: int, bins: int = 4096) -> f
     and a selection over all of them (at 8K tokens, some 60M values: a third of a second): a histogram over
     [0, 1] finds the bin that holds it, and only that bin's values are ranked. Exact: the values below the bin are
     counted with the same comparisons; if rounding put the value outside the bin, the concatenation decides."""
-    counts = sum(torch.histc(m, bins, 0.0, 1.0).double() for m in masks)
-    found = int(torch.searchsorted(counts.cumsum(0), torch.tensor([float(remove)], dtype=torch.float64)))
+    cumulative = sum(torch.histc(m, bins, 0.0, 1.0).double() for m in masks).cumsum(0)
+    found = int(torch.searchsorted(cumulative, cumulative.new_tensor([float(remove)])))
     low, high = found / bins, (found + 1) / bins
     below = sum(int((m < low).sum()) for m in masks)
     inside = torch.cat([m[(m >= low) & (m <= high)] for m in masks])
