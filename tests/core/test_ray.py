@@ -46,8 +46,8 @@ def by_cell(path) -> dict[tuple, dict]:
 def test_ray_run_equals_serial_after_ctrl_c_and_a_killed_worker(tmp_path, cluster, monkeypatch, capsys):
     """One story, to start Ray actors as few times as possible: a Ray run is interrupted (Ctrl-C on the driver) after
     its second row and keeps its rows; it is resumed by a driver that joins the cluster (--ray-address), one of whose
-    two workers is SIGKILLed once rows flow. Its cell goes to another worker and the run completes: every cell once,
-    with the serial run's scores and bytes."""
+    two workers is frozen (SIGSTOP) as soon as it is ready and SIGKILLed once the other has run every other cell. Its
+    cell goes to another worker and the run completes: every cell once, with the serial run's scores and bytes."""
     assert cli.main(run_args(tmp_path, "serial")) == 0
     serial = by_cell(tmp_path / "results" / "serial" / "results.jsonl")
     assert len(serial) == 6
@@ -69,16 +69,18 @@ def test_ray_run_equals_serial_after_ctrl_c_and_a_killed_worker(tmp_path, cluste
     args = run_args(tmp_path, "ray", "--executor", "ray", "--workers", "2", "--ray-address", cluster)
     driver = subprocess.Popen([sys.executable, "-m", "kvbench", *args], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-    pids, seen = [], []
-    for line in driver.stdout:
+    seen: list[str] = []
+    for line in driver.stdout:  # the first worker ready is frozen at once, before it can finish the cells it is given
         seen.append(line)
-        pids += [int(pid) for pid in re.findall(r"Ray worker \d+ ready: pid (\d+)", line)]
-        if len(pids) == 2:
+        if ready := re.search(r"Ray worker \d+ ready: pid (\d+)", line):
+            frozen = int(ready.group(1))
+            os.kill(frozen, signal.SIGSTOP)
             break
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(read_rows(results, warn=False))) < 3:
+    deadline = time.monotonic() + 120  # the other worker runs every cell but the frozen one's
+    while time.monotonic() < deadline and len(list(read_rows(results, warn=False))) < 5:
         time.sleep(0.05)
-    os.kill(pids[0], signal.SIGKILL)
+    assert len(list(read_rows(results, warn=False))) == 5, "the frozen worker should hold the one cell left"
+    os.kill(frozen, signal.SIGKILL)
     rest = "".join(seen) + driver.stdout.read()
     assert driver.wait(timeout=180) == 0, rest
     assert "6 cells, 2 already done, 4 to run" in rest
