@@ -42,6 +42,10 @@ def test_h2o_chunked_scores_equal_the_full_attention_matrix():
     expected = dense_attention(layer).sum(2).reshape(1, 2, 3, 50).sum(2)
     for chunk in (1, 7, 50, 512):
         torch.testing.assert_close(H2O(chunk=chunk).score(layer), expected)
+    late = inputs(n_tokens=50, queries=torch.randn(1, 6, 13, 8, generator=torch.Generator().manual_seed(1)))
+    expected = dense_attention(late).sum(2).reshape(1, 2, 3, 50).sum(2)  # the last 13 tokens' queries only
+    for chunk in (1, 5, 13):
+        torch.testing.assert_close(H2O(chunk=chunk).score(late), expected)
 
 
 def test_h2o_keeps_recent_half_and_heavy_hitters():
