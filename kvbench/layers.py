@@ -18,6 +18,7 @@ about to see (``LAST_UPDATE``), so the attention function can find the layer wit
 
 from __future__ import annotations
 
+import math
 import weakref
 from contextvars import ContextVar
 
@@ -26,6 +27,14 @@ from transformers.cache_utils import DynamicLayer
 
 # (layer, keys returned by its last update): lets kvbench's attention function find the layer whose keys it sees.
 LAST_UPDATE: ContextVar[tuple[CompressedLayer, torch.Tensor] | None] = ContextVar("kvbench_last_update", default=None)
+LENGTH_DTYPE = torch.long  # how ``PerHeadLayer`` stores each KV head's length
+
+
+def lengths_reserve(token_heads: int, allowed_bytes: float, heads: int, token_bytes: int) -> int:
+    """Token-heads to give up so that ``token_heads`` tokens (``token_bytes`` each, per KV head) and the lengths of
+    ``heads`` packed KV heads fit in ``allowed_bytes``: the budget counts the lengths, so they are paid in tokens."""
+    over = token_heads * token_bytes + heads * LENGTH_DTYPE.itemsize - allowed_bytes
+    return max(0, math.ceil(over / token_bytes - 1e-9))
 
 
 def _query_length(query: int | torch.Tensor) -> int:
@@ -184,7 +193,7 @@ class PerHeadLayer(CompressedLayer):
         kept = [(k[i], v[i]) for (k, v), i in zip(self.heads(), indices, strict=True)]
         self.keys = torch.cat([k for k, _ in kept]).contiguous()
         self.values = torch.cat([v for _, v in kept]).contiguous()
-        self.lengths = torch.tensor([len(i) for i in indices], dtype=torch.long, device=self.keys.device)
+        self.lengths = torch.tensor([len(i) for i in indices], dtype=LENGTH_DTYPE, device=self.keys.device)
         self.lengths = self.lengths.reshape(batch, kv_heads)
         self.scores = None
 

@@ -9,7 +9,8 @@ of the average count: its own top ``floor(alpha x count)`` tokens, at least one.
 
 The heads then hold different numbers of tokens, stored for real (``kvbench.layers.PerHeadLayer``):
 packed per head without padding, masking or repeating KV per query head; the achieved budget is
-measured from those tensors plus the per-head lengths.
+measured from those tensors plus the per-head lengths, which the pool pays for (a token fewer when
+``floor(budget x tokens)`` per head would leave no room for them).
 """
 
 from __future__ import annotations
@@ -42,15 +43,20 @@ class AdaKV(SnapKV):
             raise ValueError(f"adakv needs 0 <= alpha <= 1, got {self.alpha}")
 
     def compress(self, layer: PerHeadLayer, inputs: LayerInputs, budget: float) -> None:
+        from kvbench.layers import lengths_reserve
+
         n_keep = self.keep_count(inputs, budget)
         kv_heads = (layer.lengths.shape if layer.packed else layer.keys.shape[:2])[1]
         group = inputs.group_size if not layer.packed else inputs.queries.shape[1] // kv_heads
         if int(layer.head_lengths().sum()) <= n_keep * layer.head_lengths().numel():
             return
         scores = self.head_scores(layer, inputs, kv_heads, group)
+        token_bytes = inputs.keys.shape[-1] * (inputs.keys.element_size() + inputs.values.element_size())
+        allowed = budget * inputs.n_seen * kv_heads * token_bytes  # one batch row's share of the budget
+        pool = n_keep * kv_heads - lengths_reserve(n_keep * kv_heads, allowed, kv_heads, token_bytes)
         indices: list[torch.Tensor] = []
         for row in range(0, len(scores), kv_heads):
-            indices += self.allocate(scores[row:row + kv_heads], n_keep)
+            indices += self.allocate(scores[row:row + kv_heads], n_keep, pool)
         layer.keep_per_head(indices)
 
     def head_scores(self, layer: PerHeadLayer, inputs: LayerInputs, kv_heads: int, group: int) -> list[torch.Tensor]:
@@ -66,8 +72,9 @@ class AdaKV(SnapKV):
             found.append(self.score(head)[0, 0])
         return found
 
-    def allocate(self, scores: list[torch.Tensor], n_keep: int) -> list[torch.Tensor]:
-        """Sorted indices per head: a pool of ``n_keep x heads`` top scores across heads, with the alpha floor."""
+    def allocate(self, scores: list[torch.Tensor], n_keep: int, pool: int | None = None) -> list[torch.Tensor]:
+        """Sorted indices per head: a pool of ``pool`` (default ``n_keep x heads``) top scores across heads, with the
+        alpha floor of ``n_keep``."""
         floor = max(1, math.floor(n_keep * self.alpha)) if self.alpha > 0 else 0
         protected = []
         for head in scores:
@@ -76,5 +83,6 @@ class AdaKV(SnapKV):
             protected.append(head)
         pooled = torch.cat(protected)
         chosen = torch.zeros_like(pooled, dtype=torch.bool)
-        chosen[pooled.topk(min(n_keep * len(scores), pooled.numel())).indices] = True
+        pool = n_keep * len(scores) if pool is None else pool
+        chosen[pooled.topk(min(pool, pooled.numel())).indices] = True
         return [mask.nonzero().flatten() for mask in chosen.split([len(s) for s in scores])]

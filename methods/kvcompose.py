@@ -19,18 +19,20 @@ Training-free, at prefill, with one budget for the whole model:
    layer's heads (``agg_head``, mean): the layer's j-th composite token is every head's j-th best token. Layer 0
    takes the element-wise max over layers, so it never keeps fewer tokens than another layer.
 4. *Global allocation.* The top ``floor(budget x layers x tokens)`` composite scores across all layers are kept;
-   the number falling in layer l is its length B_l (at least ``max(1, keep_token_lower_bound)``, as in 0.5.5).
+   the number falling in layer l is its length B_l (at least ``max(1, keep_token_lower_bound)``, as in 0.5.5,
+   but that floor is taken inside the top-k, so the budget holds; a budget below it is refused).
 5. Each KV head keeps its own top B_l tokens in positional order, stacked into one dense
    ``[batch, kv_heads, B_l, head_dim]`` tensor per layer (keys post-RoPE; later tokens get their true positions).
 
-``structured=false`` is the reference's unstructured variant: one global ranking of every (layer, KV head)'s
-sorted scores gives each head its own count. kvpress only masks it; here it is stored packed per head, like
-``adakv``, and every head keeps at least one token. Scoring runs in chunks of queries (never a tokens x tokens
-matrix). Differences from kvpress 0.5.5, all fixes of its behaviours: scores are per batch row (kvpress maxes over
-the batch); ``add_v_norm`` uses the context's values (kvpress multiplies by the norms of a 2n-token cache and fails);
-the unstructured variant removes tokens instead of masking them and keeps no re-fed copy; kvbench's attention is
-sdpa, kvpress's eager, so scores agree to float rounding. With batch > 1 the per-layer lengths come from the
-batch-mean composite scores (a layer's tensor has one length).
+``structured=false`` is the reference's unstructured variant: one global ranking of every (layer, KV head)'s sorted
+scores gives each head its own count. kvpress only masks it; here it is stored packed per head, like ``adakv``,
+every head keeps at least one token, and the per-head lengths are paid for in tokens. Scoring runs in chunks of
+queries (never a tokens x tokens matrix). Differences from kvpress 0.5.5, all fixes of its behaviours: scores are
+per batch row (kvpress maxes over the batch); ``add_v_norm`` uses the context's values (kvpress multiplies by the
+norms of a 2n-token cache and fails); the unstructured variant removes tokens instead of masking them and keeps no
+re-fed copy; the floor of one token per layer (or head) is taken inside the budget; kvbench's attention is sdpa,
+kvpress's eager, so scores agree to float rounding. With batch > 1 the per-layer lengths come from the batch-mean
+composite scores (a layer's tensor has one length).
 """
 
 from __future__ import annotations
@@ -178,7 +180,7 @@ class KVCompose(Method):
                 if length < self._n_context:
                     layer.keep(layer_scores.topk(length, dim=-1).indices.sort(dim=-1).values)
         else:
-            counts = self.head_lengths(scores, cache.budget)  # [layers, batch, kv_heads]
+            counts = self.head_lengths(scores, cache.budget, self.lengths_reserve(cache))  # [layers, batch, kv_heads]
             for layer, layer_scores, layer_counts in zip(cache.layers, scores, counts, strict=True):
                 indices = [head.topk(int(count)).indices.sort().values
                            for head, count in zip(layer_scores.flatten(0, 1), layer_counts.flatten(), strict=True)]
@@ -213,27 +215,60 @@ class KVCompose(Method):
             per_layer.append(scores)
         return torch.stack(per_layer)
 
+    def floor(self, parts: int, n_kept: int, budget: float) -> int:
+        """Tokens every layer (or head) keeps at least: ``max(1, keep_token_lower_bound)``; a budget below that for
+        every one of ``parts`` is refused."""
+        floor = max(1, self.keep_token_lower_bound)
+        if n_kept < parts * floor:
+            raise ValueError(f"kvcompose: budget {budget:g} keeps {n_kept} tokens, fewer than {floor} for each of "
+                             f"{parts} layers or heads")
+        return floor
+
+    def allocate(self, ranked: torch.Tensor, n_kept: int, budget: float) -> torch.Tensor:
+        """Counts per row of ``ranked`` ``[rows, n]`` (sorted scores) from their global top ``n_kept``. As the
+        reference, the first ``keep_token_lower_bound`` ranks are boosted into it; where a row still gets fewer than
+        the floor, the reference raises it afterwards (and keeps more than the budget); here the top-k is taken again
+        with the floor boosted, so the floor is inside the budget (otherwise the counts, ties included, are the
+        reference's)."""
+        rows, n = ranked.shape
+        floor = self.floor(rows, n_kept, budget)
+        counts = None
+        for boosted in (self.keep_token_lower_bound, floor):
+            scores = ranked.clone()
+            scores[:, :boosted] += BOOST
+            if self.structured:
+                scores[0] = scores.max(dim=0).values  # layer 0 never keeps fewer tokens than another layer
+            kept = scores.flatten().topk(min(n_kept, scores.numel())).indices // n
+            counts = torch.bincount(kept, minlength=rows).clamp(max=n)
+            if int(counts.min()) >= floor:
+                break
+        return counts
+
     def layer_lengths(self, scores: torch.Tensor, budget: float) -> list[int]:
         """B_l per layer from the global top-k of the composite scores (structured)."""
         layers, _, _, n = scores.shape
         ranked = scores.sort(dim=-1, descending=True).values  # [layers, batch, kv_heads, n]
         composite = reduce(ranked, self.agg_head, dim=2).mean(dim=1)  # [layers, n]
-        composite[:, :self.keep_token_lower_bound] += BOOST
-        composite[0] = composite.max(dim=0).values
-        n_kept = max(1, math.floor(budget * layers * n + 1e-9))
-        kept = composite.flatten().topk(min(n_kept, composite.numel())).indices // n
-        counts = torch.bincount(kept, minlength=layers).clamp(min=max(1, self.keep_token_lower_bound), max=n)
-        return counts.tolist()
+        return self.allocate(composite, max(1, math.floor(budget * layers * n + 1e-9)), budget).tolist()
 
-    def head_lengths(self, scores: torch.Tensor, budget: float) -> torch.Tensor:
-        """``[layers, batch, kv_heads]`` counts from one ranking of every head's sorted scores (unstructured)."""
+    def head_lengths(self, scores: torch.Tensor, budget: float, reserve: int = 0) -> torch.Tensor:
+        """``[layers, batch, kv_heads]`` counts from one ranking of every head's sorted scores (unstructured), less
+        ``reserve`` tokens (what the packed heads' lengths cost)."""
         layers, batch, kv_heads, n = scores.shape
         ranked = scores.sort(dim=-1, descending=True).values
-        ranked[..., :self.keep_token_lower_bound] += BOOST
-        n_kept = max(1, math.floor(budget * layers * kv_heads * n + 1e-9))
+        n_kept = max(1, math.floor(budget * layers * kv_heads * n + 1e-9)) - reserve
         counts = torch.empty(layers, batch, kv_heads, dtype=torch.long)
         for b in range(batch):
-            flat = ranked[:, b].flatten()
-            heads = flat.topk(min(n_kept, flat.numel())).indices // n
-            counts[:, b] = torch.bincount(heads, minlength=layers * kv_heads).reshape(layers, kv_heads)
-        return counts.clamp(min=max(1, self.keep_token_lower_bound), max=n)
+            counts[:, b] = self.allocate(ranked[:, b].flatten(0, 1), n_kept, budget).reshape(layers, kv_heads)
+        return counts
+
+    def lengths_reserve(self, cache: Any) -> int:
+        """Tokens given up to pay for the lengths of every packed head (unstructured), per batch row."""
+        from kvbench.layers import lengths_reserve
+
+        layer = cache.layers[0]
+        _, kv_heads, _, head_dim = layer.keys.shape
+        heads = len(cache.layers) * kv_heads
+        token_bytes = head_dim * (layer.keys.element_size() + layer.values.element_size())
+        n_kept = max(1, math.floor(cache.budget * heads * self._n_context + 1e-9))
+        return lengths_reserve(n_kept, cache.budget * heads * self._n_context * token_bytes, heads, token_bytes)

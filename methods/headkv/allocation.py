@@ -11,11 +11,12 @@ pool is split as HeadKV splits it among the same query heads, grouped), and its 
 group (SnapKV votes averaged over the group's query heads). The budget counts what is stored.
 
 Allocation (HeadKV's ``ReasonSnapKVCluster``): with ``average`` kept tokens per head (``floor(budget x tokens)``,
-the window included) and ``window`` the observation window, ``base = average - window``; each head gets
-``base - floor(base / beta)`` tokens, and a pool of ``floor(base / beta) x heads`` tokens is split by the shares;
-every head also keeps the window. HeadKV rounds each share; kvbench splits the pool by largest remainders, so the
-total is exactly ``average x heads`` and the budget is met. A head whose capacity exceeds the prompt keeps the
-whole prompt and the surplus is not redistributed, as in HeadKV.
+the window included) and ``window`` the observation window, ``base = average - window``; each head gets ``base -
+floor(base / beta)`` tokens, and a pool of ``floor(base / beta) x heads`` tokens is split by the shares; every head
+also keeps the window. HeadKV rounds each share; kvbench splits the pool by largest remainders, so the total is
+exactly ``average x heads``, then pays for the per-head lengths its packed layout stores with a token off the
+largest heads where ``average x heads`` leaves no room for them: the budget is met. A head whose capacity exceeds
+the prompt keeps the whole prompt and the surplus is not redistributed, as in HeadKV.
 """
 
 from __future__ import annotations
@@ -74,8 +75,11 @@ def kv_head_shares(scores: torch.Tensor, kv_heads: int, temp: float = 1.0) -> to
     return shares.reshape(layers, kv_heads, heads // kv_heads).sum(dim=-1)
 
 
-def head_capacities(shares: torch.Tensor, average: int, window: int, beta: float, n_tokens: int) -> torch.Tensor:
-    """``[layers, kv_heads]`` tokens each head keeps, window included (HeadKV's allocation, exact total)."""
+def head_capacities(shares: torch.Tensor, average: int, window: int, beta: float, n_tokens: int,
+                    reserve: int = 0) -> torch.Tensor:
+    """``[layers, kv_heads]`` tokens each head keeps, window included (HeadKV's allocation, exact total); then
+    ``reserve`` tokens come off the largest capacities, one each (the first of equal ones first), to pay for what the
+    layout stores beside the tokens."""
     window = min(window, average)
     base = average - window
     pooled = math.floor(base / beta)
@@ -84,8 +88,11 @@ def head_capacities(shares: torch.Tensor, average: int, window: int, beta: float
     short = int(round(pooled * shares.numel() - float(given.sum())))
     if short > 0:
         given[(quota - given).topk(short).indices] += 1
-    capacities = given.reshape(shares.shape).long() + (base - pooled) + window
-    return capacities.clamp(max=n_tokens)
+    capacities = (given.reshape(shares.shape).long() + (base - pooled) + window).clamp(max=n_tokens)
+    flat = capacities.view(-1)
+    for _ in range(reserve):
+        flat[flat.argmax()] -= 1
+    return capacities
 
 
 def profiled_scores(model: torch.nn.Module, tokenizer: Any, max_tokens: int, seed: int, data: str | None,

@@ -9,7 +9,8 @@ HeadKV's code: the last ``window`` (8) queries vote with their softmax attention
 in its App. Table 4): 1.2, the most frequent best value for HeadKV-R2 there (with 1.1).
 
 Stored for real: heads keep different numbers of tokens, packed per KV head (``kvbench.layers.PerHeadLayer``), and
-the achieved budget counts those tensors plus the per-head lengths. GQA folding is described in ``allocation``.
+the achieved budget counts those tensors plus the per-head lengths, paid for in tokens. GQA folding and the
+allocation are described in ``allocation``.
 """
 
 from __future__ import annotations
@@ -73,11 +74,12 @@ class HeadBudgets(Method):
         self.prepare(model, tokenizer, force=force)
         return self.head_artifact
 
-    def capacities(self, layer_idx: int, average: int, window: int, n_tokens: int) -> torch.Tensor:
-        """``[kv_heads]`` tokens (window included) each KV head of a layer keeps."""
+    def capacities(self, layer_idx: int, average: int, window: int, n_tokens: int, reserve: int = 0) -> torch.Tensor:
+        """``[kv_heads]`` tokens (window included) each KV head of a layer keeps (``reserve``: see
+        ``head_capacities``)."""
         if self.shares is None:
             raise RuntimeError(f"{self.name} has no head scores: call prepare(model, tokenizer) first")
-        return head_capacities(self.shares, average, window, self.beta, n_tokens)[layer_idx]
+        return head_capacities(self.shares, average, window, self.beta, n_tokens, reserve)[layer_idx]
 
 
 @dataclass
@@ -102,8 +104,19 @@ class HeadKV(HeadBudgets):
         average = max(1, math.floor(budget * n_tokens + 1e-9))
         if average >= n_tokens:
             return
-        counts = self.capacities(inputs.layer_idx, average, self.window, n_tokens).tolist()
+        counts = self.capacities(inputs.layer_idx, average, self.window, n_tokens, self.lengths_reserve(
+            inputs, average, budget)).tolist()
         scores = self._selector.score(inputs)  # [batch, kv_heads, tokens], the window ranked first
         indices = [head.topk(count).indices.sort().values
                    for row in scores for head, count in zip(row, counts, strict=True)]
         layer.keep_per_head(indices)
+
+    def lengths_reserve(self, inputs: LayerInputs, average: int, budget: float) -> int:
+        """Tokens the whole model gives up to pay for its packed heads' lengths (the pool is global)."""
+        from kvbench.layers import lengths_reserve
+
+        n_tokens = inputs.keys.shape[2]
+        everything = head_capacities(self.shares, average, self.window, self.beta, n_tokens)
+        token_bytes = inputs.keys.shape[-1] * (inputs.keys.element_size() + inputs.values.element_size())
+        allowed = budget * n_tokens * everything.numel() * token_bytes  # one batch row's share, every layer
+        return lengths_reserve(int(everything.sum()), allowed, everything.numel(), token_bytes)

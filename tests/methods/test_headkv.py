@@ -77,16 +77,16 @@ def test_heads_keep_their_capacity_and_snapkv_choice_packed(model, tmp_path):
     method = HeadKV(scores=str(path))
     prompt = random_prompt(120, seed=3)
     compressed = compress(model, method, 0.25, prompt)
-    assert compressed.kv_bytes == stored_bytes(compressed) and compressed.achieved_budget <= 0.25 + 0.01
+    assert compressed.kv_bytes == stored_bytes(compressed) and compressed.achieved_budget <= 0.25
     total = 0
     for index, layer in enumerate(compressed.cache.layers):
         assert type(layer) is PerHeadLayer and layer.packed
-        expected = method.capacities(index, 30, 8, 120)
+        expected = method.capacities(index, 30, 8, 120, reserve=1)  # 6 lengths of 8 bytes: one 128-byte token
         assert layer.lengths[0].tolist() == expected.tolist()
         total += int(layer.lengths.sum())
         for (keys, _), count in zip(layer.heads(), expected.tolist(), strict=True):
             assert keys.shape[0] == count
-    assert total == 30 * config.num_hidden_layers * config.num_key_value_heads
+    assert total == 30 * config.num_hidden_layers * config.num_key_value_heads - 1
     assert len({int(n) for layer in compressed.cache.layers for n in layer.lengths.flatten()}) > 1
 
 

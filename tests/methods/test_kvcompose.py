@@ -76,7 +76,7 @@ def test_unstructured_heads_are_packed_with_their_own_counts(model, prompt):
     n = prompt.shape[1]
     lengths = torch.stack([layer.lengths for layer in compressed.cache.layers])
     assert all(type(layer) is PerHeadLayer and layer.packed for layer in compressed.cache.layers)
-    assert int(lengths.sum()) == math.floor(0.25 * lengths.numel() * n)
+    assert int(lengths.sum()) == math.floor(0.25 * lengths.numel() * n) - 1  # 6 lengths: one token's bytes
     assert lengths.min() >= 1 and len(set(lengths.flatten().tolist())) > 1
     assert compressed.kv_bytes == stored_bytes(compressed)
     for layer in compressed.cache.layers:
@@ -92,8 +92,10 @@ def test_budget_one_keeps_everything_and_skips_the_task_pass(llama, prompt):
 def test_value_norm_and_lower_bound_change_the_selection(llama):
     prompt = random_prompt(120, seed=4)
     plain = compress(llama, KVCompose(), 0.1, prompt).cache.held_tokens()
-    bounded = compress(llama, KVCompose(keep_token_lower_bound=30), 0.1, prompt).cache.held_tokens()
-    assert min(bounded) >= 30 and bounded != plain
+    bounded = compress(llama, KVCompose(keep_token_lower_bound=10), 0.1, prompt).cache.held_tokens()
+    assert min(bounded) >= 10 and bounded != plain and sum(bounded) == sum(plain) == 36  # floor(0.1 x 3 x 120)
+    with pytest.raises(ValueError, match="keeps 36 tokens, fewer than 30 for each of 3"):  # the floor alone is over
+        compress(llama, KVCompose(keep_token_lower_bound=30), 0.1, prompt)
     assert compress(llama, KVCompose(add_v_norm=True), 0.1, prompt).achieved_budget <= 0.1 + 1e-9
 
 
@@ -107,3 +109,18 @@ def test_bad_options_are_one_line_spec_errors(spec):
 def test_kvcompose_cannot_be_composed():
     with pytest.raises(SpecError):
         parse_spec("palu+kvcompose")
+
+
+def test_every_layers_floor_is_inside_the_global_allocation():
+    """With as many tokens to keep as layers, a layer whose composite scores lose everywhere still keeps its one
+    token, taken from the others' (the reference raises it afterwards and keeps one token too many); fewer tokens
+    than layers (or heads) is refused."""
+    scores = torch.stack([torch.full((1, 2, 10), 5.0), torch.full((1, 2, 10), 9.0), torch.full((1, 2, 10), 1.0)])
+    scores = scores + torch.linspace(0, 0.5, 10)  # [layers 3, batch 1, kv_heads 2, 10 tokens]
+    assert KVCompose().layer_lengths(scores, 0.1) == [1, 1, 1]  # floor(0.1 x 3 x 10) = 3 tokens
+    assert KVCompose().head_lengths(scores, 0.1).flatten().tolist() == [1] * 6  # floor(0.1 x 3 x 2 x 10) = 6 heads
+    assert KVCompose().head_lengths(scores, 0.2, reserve=2).sum() == 10  # 12 less what the lengths cost
+    with pytest.raises(ValueError, match="fewer than 1 for each of 3 layers"):
+        KVCompose().layer_lengths(scores, 0.05)
+    with pytest.raises(ValueError, match="fewer than 1 for each of 6 layers or heads"):
+        KVCompose().head_lengths(scores, 0.05)
