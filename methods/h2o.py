@@ -37,7 +37,7 @@ class H2O(TokenMethod):
     uses_queries: ClassVar[bool] = True
 
     recent_ratio: float = 0.5
-    chunk: int = 64  # queries per chunk: 3-5x faster at 8K tokens on a CPU than 512 (logits stay in cache)
+    chunk: int = 64  # queries per chunk: at 8K tokens on a CPU 0.34 s a layer against 1.06 s with 512
 
     def __post_init__(self) -> None:
         super().__post_init__()
