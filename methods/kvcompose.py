@@ -9,8 +9,8 @@ Training-free, at prefill, with one budget for the whole model:
    n..2n-1, so the task queries are a second reading of the whole input; in query-aware cells the input ends with
    the question, in query-agnostic cells it is the context alone. Cost: a second forward over the input, over a
    cache of 2n tokens per layer while it runs (the re-fed half is dropped after), plus the explicit float32
-   task attention of n queries on up to 2n keys per layer; on a CPU that scoring outweighs the forward (about 5x
-   the prefill time of ``full`` at 2K tokens). ``task=window``: the last ``window`` queries of the compressing
+   task attention of n queries on up to 2n keys per layer (a prefill at 2K tokens takes about 4x ``full``'s on a
+   CPU). ``task=window``: the last ``window`` queries of the compressing
    forward are the task (in a query-aware cell, the question's tokens), at no extra forward.
 2. The query heads of a GQA group are reduced to their KV head (``agg_group``, mean); optionally each score is
    multiplied by the token's value norm (``add_v_norm``); the mean over a layer's KV heads is added to each head
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 AGGREGATIONS = ("max", "mean")
 TASKS = ("refeed", "window")
-CHUNK_ELEMENTS = 1 << 24  # attention probabilities computed at once: 64 MB in float32
+CHUNK_ELEMENTS = 1 << 21  # attention probabilities computed at once: 8 MB in float32 (stays near the cache)
 BOOST = 1e9  # added to the first keep_token_lower_bound ranks, as in the reference
 
 
@@ -62,23 +62,35 @@ def task_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float, n_
     """``[batch, heads, n_context]``: each query head's softmax attention on the first ``n_context`` keys, reduced
     (max or mean) over ``queries`` ``[batch, heads, q, dim]``, which are the last ``q`` of ``keys``
     ``[batch, kv_heads, m, dim]`` (causal). Probabilities are normalised over every visible key, as eager attention
-    does; a chunk of queries at a time (a max is taken on log-probabilities, then exponentiated once)."""
+    does. A chunk of queries at a time: one product gives the logits of all the query heads of a KV head (rows:
+    query, then query head) over the keys the chunk can see, the causal mask touches only the chunk's own columns,
+    the softmax runs in place, and the mean over queries is one product with the normalisers."""
     batch, heads, q_len, head_dim = queries.shape
     kv_heads, m = keys.shape[1], keys.shape[2]
-    grouped = queries.float().reshape(batch, kv_heads, heads // kv_heads, q_len, head_dim) * scaling
-    keys = keys.float().transpose(-1, -2)[:, :, None]  # [batch, kv_heads, 1, dim, m]
+    group = heads // kv_heads
+    grouped = (queries.float() * scaling).reshape(batch, kv_heads, group, q_len, head_dim).transpose(2, 3)
+    keys = keys.float().transpose(-1, -2)  # [batch, kv_heads, dim, m]
     chunk = max(1, CHUNK_ELEMENTS // (heads * m * batch))
-    positions = torch.arange(m, device=keys.device)
+    offset = m - q_len  # the first query's position
     out = None
     for start in range(0, q_len, chunk):
         end = min(start + chunk, q_len)
-        logits = grouped[:, :, :, start:end] @ keys  # [batch, kv_heads, group, chunk, m]
-        logits.masked_fill_(positions > positions[m - q_len + start:m - q_len + end, None], float("-inf"))
+        size = end - start
+        rows = grouped[:, :, start:end].reshape(batch, kv_heads, size * group, head_dim)
+        logits = torch.matmul(rows, keys[..., :offset + end])  # [batch, kv_heads, size * group, visible]
+        future = torch.ones(size, size, dtype=torch.bool, device=keys.device).triu(1)
+        logits[..., offset + start:].masked_fill_(future.repeat_interleave(group, 0), float("-inf"))
+        logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+        normalisers = logits.sum(-1, keepdim=True).reciprocal_()  # [batch, kv_heads, size * group, 1]
+        context = logits[..., :n_context]
         if reduce == "max":
-            part = logits[..., :n_context].sub_(logits.logsumexp(dim=-1, keepdim=True)).amax(dim=3).exp_()
-        else:
-            part = logits.softmax(dim=-1)[..., :n_context].sum(dim=3)
-        out = part if out is None else torch.maximum(out, part) if reduce == "max" else out + part
+            part = context.mul_(normalisers).view(batch, kv_heads, size, group, n_context).amax(dim=2)
+            out = part if out is None else torch.maximum(out, part)
+        else:  # row (query i, head g) weighs into head g's sum
+            weights = logits.new_zeros(batch, kv_heads, group, size, group)
+            weights.diagonal(dim1=2, dim2=4).copy_(normalisers.view(batch, kv_heads, size, group))
+            part = torch.matmul(weights.view(batch, kv_heads, group, size * group), context)
+            out = part if out is None else out + part
     out = out if reduce == "max" else out / q_len
     return out.reshape(batch, heads, n_context)
 
