@@ -81,7 +81,7 @@ def test_heads_keep_their_capacity_and_snapkv_choice_packed(model, tmp_path):
     total = 0
     for index, layer in enumerate(compressed.cache.layers):
         assert type(layer) is PerHeadLayer and layer.packed
-        expected = method.capacities(index, 30, 8, 120, reserve=1)  # 6 lengths of 8 bytes: one 128-byte token
+        expected = method.capacities(index, 30, 8, 120, reserve=1)  # 6 lengths of 8 bytes cost one token
         assert layer.lengths[0].tolist() == expected.tolist()
         total += int(layer.lengths.sum())
         for (keys, _), count in zip(layer.heads(), expected.tolist(), strict=True):
