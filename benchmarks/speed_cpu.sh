@@ -18,5 +18,5 @@ $PY -m kvbench bench --model smollm2-135m --device cpu \
 
 # Token methods: prefill with compression vs full (target <= 1.05x at 8K) and decoding against the limit.
 $PY -m kvbench bench --model smollm2-135m --device cpu \
-    --methods snapkv,expected_attention,pyramidkv,adakv,h2o,tova,knorm,streamingllm \
+    --methods snapkv,expected_attention,pyramidkv,adakv,h2o,tova,knorm,streamingllm,keydiff,random,headkv,kvcompose \
     --budget 0.1 --lengths "$LENGTHS" --decode-tokens 64 --repeats "$REPEATS" --run-id "speed-cpu-token$SUFFIX"
