@@ -53,7 +53,9 @@ if TYPE_CHECKING:
 
 AGGREGATIONS = ("max", "mean")
 TASKS = ("refeed", "window")
-CHUNK_ELEMENTS = 1 << 21  # attention probabilities computed at once: 8 MB in float32 (stays near the cache)
+# Attention probabilities computed at once: on a CPU 8 MB in float32, near the caches (6x faster than 64 MB at 8K
+# tokens); on a GPU, where each chunk costs kernel launches, 128 MB.
+CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 25}
 BOOST = 1e9  # added to the first keep_token_lower_bound ranks, as in the reference
 
 
@@ -70,7 +72,7 @@ def task_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float, n_
     group = heads // kv_heads
     grouped = (queries.float() * scaling).reshape(batch, kv_heads, group, q_len, head_dim).transpose(2, 3)
     keys = keys.float().transpose(-1, -2)  # [batch, kv_heads, dim, m]
-    chunk = max(1, CHUNK_ELEMENTS // (heads * m * batch))
+    chunk = max(1, CHUNK_ELEMENTS["cuda" if keys.is_cuda else "cpu"] // (heads * m * batch))
     offset = m - q_len  # the first query's position
     out = None
     for start in range(0, q_len, chunk):

@@ -31,7 +31,7 @@ def test_task_attention_in_chunks_is_the_softmax_of_the_task_queries(monkeypatch
     logits = torch.einsum("bhqd,bhtd->bhqt", queries, keys.repeat_interleave(2, dim=1)) * 0.3
     causal = torch.ones(12, 30, dtype=torch.bool).tril(30 - 12)
     probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)[..., :18]
-    monkeypatch.setattr(kvcompose, "CHUNK_ELEMENTS", 4 * 30 * 5)  # 5 queries per chunk
+    monkeypatch.setattr(kvcompose, "CHUNK_ELEMENTS", {"cpu": 4 * 30 * 5})  # 5 queries per chunk
     assert torch.allclose(task_attention(queries, keys, 0.3, 18, "max"), probs.amax(dim=2), atol=1e-6)
     assert torch.allclose(task_attention(queries, keys, 0.3, 18, "mean"), probs.mean(dim=2), atol=1e-6)
 
