@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -162,3 +163,29 @@ class TokenMethod(Method):
 def recency(n_tokens: int, device: torch.device) -> torch.Tensor:
     """Scores that rank later tokens higher; used to protect windows and break ties."""
     return torch.arange(n_tokens, device=device, dtype=torch.float32)
+
+
+def softmax_chunks(queries: torch.Tensor, keys: torch.Tensor, scaling: float, chunk: int
+                   ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Causal softmax attention of ``queries`` ``[batch, heads, q, dim]``, the last ``q`` of ``keys``
+    ``[batch, kv_heads, m, dim]``, ``chunk`` queries at a time, for methods that need the weights sdpa does not
+    return. Yields ``(start, size, weights, normalisers)``: ``weights`` ``[batch, kv_heads, size * group, visible]``
+    holds ``exp(l - max)`` of the chunk's queries (rows: query, then query head of the KV head's group, as
+    ``repeat_kv`` groups them) over the keys they can see, ``normalisers`` ``[..., 1]`` the inverses of its row sums
+    (the probabilities are their product, left to the caller to fuse with its reduction). One product per chunk and
+    KV head, the causal mask on the chunk's own columns only, the softmax in place: on a CPU, with chunks whose
+    logits stay near the caches, several times faster than masking and normalising into new tensors."""
+    batch, heads, q_len, head_dim = queries.shape
+    kv_heads, m = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    grouped = (queries.float() * scaling).reshape(batch, kv_heads, group, q_len, head_dim).transpose(2, 3)
+    keys = keys.float().transpose(-1, -2)  # [batch, kv_heads, dim, m]
+    offset = m - q_len  # the first query's position
+    for start in range(0, q_len, chunk):
+        size = min(chunk, q_len - start)
+        rows = grouped[:, :, start:start + size].reshape(batch, kv_heads, size * group, head_dim)
+        weights = torch.matmul(rows, keys[..., :offset + start + size])
+        future = torch.ones(size, size, dtype=torch.bool, device=keys.device).triu(1)
+        weights[..., offset + start:].masked_fill_(future.repeat_interleave(group, 0), float("-inf"))
+        weights.sub_(weights.amax(-1, keepdim=True)).exp_()
+        yield start, size, weights, weights.sum(-1, keepdim=True).reciprocal_()

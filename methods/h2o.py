@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from kvbench.methods.base import LayerInputs, TokenMethod, recency
+from kvbench.methods.base import LayerInputs, TokenMethod, recency, softmax_chunks
 
 if TYPE_CHECKING:
     from kvbench.layers import CompressedLayer
@@ -46,28 +46,12 @@ class H2O(TokenMethod):
                              f"chunk={self.chunk}")
 
     def score(self, inputs: LayerInputs) -> torch.Tensor:
-        """Attention accumulated over ``inputs.queries`` (the last ``q_len`` keys' queries), per KV head.
-
-        Per chunk of queries, one product gives the logits of all the KV head's query heads (rows: query, then query
-        head), the causal mask touches only the chunk's own columns (every earlier key is visible to the whole chunk),
-        the softmax runs in place as ``exp(l - max)``, and its normalisers enter the product that sums the rows."""
-        keys = inputs.keys.float()
-        batch, kv_heads, n_tokens, head_dim = keys.shape
-        group, q_len = inputs.group_size, inputs.queries.shape[2]
-        queries = (inputs.queries.float() * inputs.scaling).reshape(batch, kv_heads, group, q_len, head_dim)
-        queries = queries.transpose(2, 3)  # [batch, kv_heads, q_len, group, head_dim]
-        offset = n_tokens - q_len  # absolute index of the first query
-        total = keys.new_zeros(batch, kv_heads, 1, n_tokens)
-        for start in range(0, q_len, self.chunk):
-            end = min(start + self.chunk, q_len)
-            visible = offset + end  # the chunk's last query sees keys [0, visible)
-            rows = queries[:, :, start:end].reshape(batch, kv_heads, (end - start) * group, head_dim)
-            logits = torch.matmul(rows, keys[:, :, :visible].transpose(-1, -2))
-            future = torch.ones(end - start, end - start, dtype=torch.bool, device=keys.device).triu(1)
-            logits[..., offset + start:].masked_fill_(future.repeat_interleave(group, 0), float("-inf"))
-            logits.sub_(logits.amax(-1, keepdim=True)).exp_()
-            normalisers = logits.sum(-1, keepdim=True).reciprocal_().transpose(-1, -2)
-            total[..., :visible] += torch.matmul(normalisers, logits)
+        """Attention accumulated over ``inputs.queries`` (the last ``q_len`` keys' queries), per KV head: each
+        chunk's rows summed by one product with their normalisers."""
+        batch, kv_heads, n_tokens, _ = inputs.keys.shape
+        total = inputs.keys.new_zeros(batch, kv_heads, 1, n_tokens, dtype=torch.float32)
+        for _, _, weights, normalisers in softmax_chunks(inputs.queries, inputs.keys, inputs.scaling, self.chunk):
+            total[..., :weights.shape[-1]] += torch.matmul(normalisers.transpose(-1, -2), weights)
         return total.squeeze(2)
 
     def keep_count(self, inputs: LayerInputs, budget: float) -> int:

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from kvbench.methods.base import LayerInputs, Method
+from kvbench.methods.base import LayerInputs, Method, softmax_chunks
 
 if TYPE_CHECKING:
     from kvbench.layers import CompressedLayer
@@ -64,34 +64,21 @@ def task_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float, n_
     """``[batch, heads, n_context]``: each query head's softmax attention on the first ``n_context`` keys, reduced
     (max or mean) over ``queries`` ``[batch, heads, q, dim]``, which are the last ``q`` of ``keys``
     ``[batch, kv_heads, m, dim]`` (causal). Probabilities are normalised over every visible key, as eager attention
-    does. A chunk of queries at a time: one product gives the logits of all the query heads of a KV head (rows:
-    query, then query head) over the keys the chunk can see, the causal mask touches only the chunk's own columns,
-    the softmax runs in place, and the mean over queries is one product with the normalisers."""
-    batch, heads, q_len, head_dim = queries.shape
+    does; a chunk of queries at a time (``softmax_chunks``), the mean over queries one product with the normalisers."""
+    batch, heads, q_len, _ = queries.shape
     kv_heads, m = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
-    grouped = (queries.float() * scaling).reshape(batch, kv_heads, group, q_len, head_dim).transpose(2, 3)
-    keys = keys.float().transpose(-1, -2)  # [batch, kv_heads, dim, m]
     chunk = max(1, CHUNK_ELEMENTS["cuda" if keys.is_cuda else "cpu"] // (heads * m * batch))
-    offset = m - q_len  # the first query's position
     out = None
-    for start in range(0, q_len, chunk):
-        end = min(start + chunk, q_len)
-        size = end - start
-        rows = grouped[:, :, start:end].reshape(batch, kv_heads, size * group, head_dim)
-        logits = torch.matmul(rows, keys[..., :offset + end])  # [batch, kv_heads, size * group, visible]
-        future = torch.ones(size, size, dtype=torch.bool, device=keys.device).triu(1)
-        logits[..., offset + start:].masked_fill_(future.repeat_interleave(group, 0), float("-inf"))
-        logits.sub_(logits.amax(-1, keepdim=True)).exp_()
-        normalisers = logits.sum(-1, keepdim=True).reciprocal_()  # [batch, kv_heads, size * group, 1]
-        context = logits[..., :n_context]
+    for _, size, weights, normalisers in softmax_chunks(queries, keys, scaling, chunk):
+        context = weights[..., :n_context]
         if reduce == "max":
             part = context.mul_(normalisers).view(batch, kv_heads, size, group, n_context).amax(dim=2)
             out = part if out is None else torch.maximum(out, part)
         else:  # row (query i, head g) weighs into head g's sum
-            weights = logits.new_zeros(batch, kv_heads, group, size, group)
-            weights.diagonal(dim1=2, dim2=4).copy_(normalisers.view(batch, kv_heads, size, group))
-            part = torch.matmul(weights.view(batch, kv_heads, group, size * group), context)
+            rows = weights.new_zeros(batch, kv_heads, group, size, group)
+            rows.diagonal(dim1=2, dim2=4).copy_(normalisers.view(batch, kv_heads, size, group))
+            part = torch.matmul(rows.view(batch, kv_heads, group, size * group), context)
             out = part if out is None else out + part
     out = out if reduce == "max" else out / q_len
     return out.reshape(batch, heads, n_context)
