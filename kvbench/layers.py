@@ -30,10 +30,11 @@ LAST_UPDATE: ContextVar[tuple[CompressedLayer, torch.Tensor] | None] = ContextVa
 LENGTH_DTYPE = torch.long  # how ``PerHeadLayer`` stores each KV head's length
 
 
-def lengths_reserve(token_heads: int, allowed_bytes: float, heads: int, token_bytes: int) -> int:
+def lengths_reserve(token_heads: int, budget: float, tokens: int, heads: int, token_bytes: int) -> int:
     """Token-heads to give up so that ``token_heads`` tokens (``token_bytes`` each, per KV head) and the lengths of
-    ``heads`` packed KV heads fit in ``allowed_bytes``: the budget counts the lengths, so they are paid in tokens."""
-    over = token_heads * token_bytes + heads * LENGTH_DTYPE.itemsize - allowed_bytes
+    ``heads`` packed KV heads fit in ``budget`` of those heads' ``tokens`` (one batch row): the budget counts the
+    lengths, so they are paid in tokens."""
+    over = token_heads * token_bytes + heads * LENGTH_DTYPE.itemsize - budget * tokens * heads * token_bytes
     return max(0, math.ceil(over / token_bytes - 1e-9))
 
 

@@ -51,9 +51,8 @@ class AdaKV(SnapKV):
         if int(layer.head_lengths().sum()) <= n_keep * layer.head_lengths().numel():
             return
         scores = self.head_scores(layer, inputs, kv_heads, group)
-        token_bytes = inputs.keys.shape[-1] * (inputs.keys.element_size() + inputs.values.element_size())
-        allowed = budget * inputs.n_seen * kv_heads * token_bytes  # one batch row's share of the budget
-        pool = n_keep * kv_heads - lengths_reserve(n_keep * kv_heads, allowed, kv_heads, token_bytes)
+        pool = n_keep * kv_heads - lengths_reserve(n_keep * kv_heads, budget, inputs.n_seen, kv_heads,
+                                                   inputs.token_bytes)
         indices: list[torch.Tensor] = []
         for row in range(0, len(scores), kv_heads):
             indices += self.allocate(scores[row:row + kv_heads], n_keep, pool)

@@ -50,6 +50,11 @@ class LayerInputs:
     def group_size(self) -> int:
         return self.queries.shape[1] // self.keys.shape[1]
 
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one token's key and value in one KV head."""
+        return self.keys.shape[-1] * self.keys.element_size() + self.values.shape[-1] * self.values.element_size()
+
 
 @dataclass
 class Method:
@@ -166,10 +171,10 @@ def recency(n_tokens: int, device: torch.device) -> torch.Tensor:
 
 
 def softmax_chunks(queries: torch.Tensor, keys: torch.Tensor, scaling: float, chunk: int
-                   ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+                   ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Causal softmax attention of ``queries`` ``[batch, heads, q, dim]``, the last ``q`` of ``keys``
     ``[batch, kv_heads, m, dim]``, ``chunk`` queries at a time, for methods that need the weights sdpa does not
-    return. Yields ``(start, size, weights, normalisers)``: ``weights`` ``[batch, kv_heads, size * group, visible]``
+    return. Yields ``(size, weights, normalisers)``: ``weights`` ``[batch, kv_heads, size * group, visible]``
     holds ``exp(l - max)`` of the chunk's queries (rows: query, then query head of the KV head's group, as
     ``repeat_kv`` groups them) over the keys they can see, ``normalisers`` ``[..., 1]`` the inverses of its row sums
     (the probabilities are their product, left to the caller to fuse with its reduction). One product per chunk and
@@ -188,4 +193,4 @@ def softmax_chunks(queries: torch.Tensor, keys: torch.Tensor, scaling: float, ch
         future = torch.ones(size, size, dtype=torch.bool, device=keys.device).triu(1)
         weights[..., offset + start:].masked_fill_(future.repeat_interleave(group, 0), float("-inf"))
         weights.sub_(weights.amax(-1, keepdim=True)).exp_()
-        yield start, size, weights, weights.sum(-1, keepdim=True).reciprocal_()
+        yield size, weights, weights.sum(-1, keepdim=True).reciprocal_()

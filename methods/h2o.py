@@ -50,16 +50,14 @@ class H2O(TokenMethod):
         chunk's rows summed by one product with their normalisers."""
         batch, kv_heads, n_tokens, _ = inputs.keys.shape
         total = inputs.keys.new_zeros(batch, kv_heads, 1, n_tokens, dtype=torch.float32)
-        for _, _, weights, normalisers in softmax_chunks(inputs.queries, inputs.keys, inputs.scaling, self.chunk):
+        for _, weights, normalisers in softmax_chunks(inputs.queries, inputs.keys, inputs.scaling, self.chunk):
             total[..., :weights.shape[-1]] += torch.matmul(normalisers.transpose(-1, -2), weights)
         return total.squeeze(2)
 
     def keep_count(self, inputs: LayerInputs, budget: float) -> int:
         if not self.decoding:
             return super().keep_count(inputs, budget)
-        per_token = inputs.keys.shape[-1] * inputs.keys.element_size() + inputs.values.shape[-1] * \
-            inputs.values.element_size()
-        share = per_token / (per_token + 4)  # the running sum is one float32 per token and head
+        share = inputs.token_bytes / (inputs.token_bytes + 4)  # the running sum is one float32 per token and head
         return max(1, math.floor(budget * inputs.n_seen * share + 1e-9))
 
     def _select(self, scores: torch.Tensor, n_keep: int) -> torch.Tensor:

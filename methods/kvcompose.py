@@ -70,7 +70,7 @@ def task_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float, n_
     group = heads // kv_heads
     chunk = max(1, CHUNK_ELEMENTS["cuda" if keys.is_cuda else "cpu"] // (heads * m * batch))
     out = None
-    for _, size, weights, normalisers in softmax_chunks(queries, keys, scaling, chunk):
+    for size, weights, normalisers in softmax_chunks(queries, keys, scaling, chunk):
         context = weights[..., :n_context]
         if reduce == "max":
             part = context.mul_(normalisers).view(batch, kv_heads, size, group, n_context).amax(dim=2)
@@ -82,6 +82,12 @@ def task_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float, n_
             out = part if out is None else out + part
     out = out if reduce == "max" else out / q_len
     return out.reshape(batch, heads, n_context)
+
+
+def kept_count(budget: float, parts: int, n: int) -> int:
+    """Tokens the global allocation keeps over ``parts`` layers (or heads) of ``n`` tokens: ``floor(budget x parts x
+    n)``, at least one."""
+    return max(1, math.floor(budget * parts * n + 1e-9))
 
 
 def reduce(scores: torch.Tensor, how: str, dim: int) -> torch.Tensor:
@@ -250,14 +256,14 @@ class KVCompose(Method):
         layers, _, _, n = scores.shape
         ranked = scores.sort(dim=-1, descending=True).values  # [layers, batch, kv_heads, n]
         composite = reduce(ranked, self.agg_head, dim=2).mean(dim=1)  # [layers, n]
-        return self.allocate(composite, max(1, math.floor(budget * layers * n + 1e-9)), budget).tolist()
+        return self.allocate(composite, kept_count(budget, layers, n), budget).tolist()
 
     def head_lengths(self, scores: torch.Tensor, budget: float, reserve: int = 0) -> torch.Tensor:
         """``[layers, batch, kv_heads]`` counts from one ranking of every head's sorted scores (unstructured), less
         ``reserve`` tokens (what the packed heads' lengths cost)."""
         layers, batch, kv_heads, n = scores.shape
         ranked = scores.sort(dim=-1, descending=True).values
-        n_kept = max(1, math.floor(budget * layers * kv_heads * n + 1e-9)) - reserve
+        n_kept = kept_count(budget, layers * kv_heads, n) - reserve
         counts = torch.empty(layers, batch, kv_heads, dtype=torch.long)
         for b in range(batch):
             counts[:, b] = self.allocate(ranked[:, b].flatten(0, 1), n_kept, budget).reshape(layers, kv_heads)
@@ -271,5 +277,5 @@ class KVCompose(Method):
         _, kv_heads, _, head_dim = layer.keys.shape
         heads = len(cache.layers) * kv_heads
         token_bytes = head_dim * (layer.keys.element_size() + layer.values.element_size())
-        n_kept = max(1, math.floor(cache.budget * heads * self._n_context + 1e-9))
-        return lengths_reserve(n_kept, cache.budget * heads * self._n_context * token_bytes, heads, token_bytes)
+        return lengths_reserve(kept_count(cache.budget, heads, self._n_context), cache.budget, self._n_context, heads,
+                               token_bytes)

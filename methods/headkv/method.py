@@ -116,7 +116,5 @@ class HeadKV(HeadBudgets):
         from kvbench.layers import lengths_reserve
 
         n_tokens = inputs.keys.shape[2]
-        everything = head_capacities(self.shares, average, self.window, self.beta, n_tokens)
-        token_bytes = inputs.keys.shape[-1] * (inputs.keys.element_size() + inputs.values.element_size())
-        allowed = budget * n_tokens * everything.numel() * token_bytes  # one batch row's share, every layer
-        return lengths_reserve(int(everything.sum()), allowed, everything.numel(), token_bytes)
+        everything = head_capacities(self.shares, average, self.window, self.beta, n_tokens)  # every layer's heads
+        return lengths_reserve(int(everything.sum()), budget, n_tokens, everything.numel(), inputs.token_bytes)
