@@ -128,10 +128,9 @@ class PrefixLayer(RaggedLayer):
                         self.masks[kind].append(mask[index, b].reshape(-1).index_select(0, keep))
                     else:
                         self.append(kind, b, kept, ranks[index, b])
-                stored, old = ranks[index].to(rank_dtype(dim)), self.ranks[kind]
-                self.ranks[kind] = stored if old is None else torch.cat([old, stored], dim=1)
-        positions = positions.to(POSITION_DTYPE)
-        self.positions = positions.contiguous() if held == 0 else torch.cat([self.positions, positions], dim=1)
+                stored = ranks[index].to(rank_dtype(dim))
+                self.ranks[kind] = self.appends.append(("ranks", kind), self.ranks[kind], stored, 1)
+        self.positions = self.appends.append("positions", self.positions, positions.to(POSITION_DTYPE), 1)
 
     def row_ranks(self, kind: str, row: int) -> torch.Tensor:
         return self.ranks[kind][row]

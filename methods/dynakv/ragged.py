@@ -92,10 +92,7 @@ class RaggedLayer(LatentLayer):
             parts = {index: kept[owner == index] for index in classes.unique().tolist()}
         buckets = self.buckets[kind][row]
         for index, part in parts.items():
-            buckets[index] = part if index not in buckets else torch.cat([buckets[index], part])
-
-    def clear_row(self, kind: str, row: int) -> None:
-        self.buckets[kind][row] = {}
+            buckets[index] = self.appends.append((kind, row, index), buckets.get(index), part, 0)
 
     def stored_buckets(self) -> list[torch.Tensor]:
         return [t for kind in KINDS for row in self.buckets[kind] for t in row.values()]

@@ -76,10 +76,8 @@ class VariableRankLayer(RaggedLayer):
                 indices[kind].append(index.to(torch.uint8))
         for kind in ("key", "value"):
             stacked = torch.stack(indices[kind])
-            old = self.token_levels[kind]
-            self.token_levels[kind] = stacked if old is None else torch.cat([old, stacked], dim=1)
-        positions = positions.to(POSITION_DTYPE)
-        self.positions = positions.contiguous() if first else torch.cat([self.positions, positions], dim=1)
+            self.token_levels[kind] = self.appends.append(("levels", kind), self.token_levels[kind], stacked, 1)
+        self.positions = self.appends.append("positions", self.positions, positions.to(POSITION_DTYPE), 1)
 
     def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         self.store_latents(*self.codec.encode(keys, values, positions), positions)

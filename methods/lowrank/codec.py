@@ -22,6 +22,7 @@ import torch
 
 from kvbench.layers import LAST_UPDATE, CompressedLayer
 from kvbench.methods.lowrank.allocation import POSITION_DTYPE
+from kvbench.methods.lowrank.appending import AppendBuffers
 from kvbench.methods.lowrank.latent_attention import LatentBlock, interleaved, latent_attention
 from kvbench.rope import apply_rope, cos_sin, undo_rope
 
@@ -122,6 +123,7 @@ class LatentLayer(CompressedLayer):
         self.value_latents: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None  # [batch, held] int32
         self.first_position: int | None = None  # set when every row holds positions first, first + 1, ... (no gaps)
+        self.appends = AppendBuffers()  # decoding appends in place (appending.py)
 
     @property
     def is_latent(self) -> bool:
@@ -142,14 +144,10 @@ class LatentLayer(CompressedLayer):
         self.store_latents(*codec.encode(keys, values, positions), positions)
 
     def store_latents(self, key_latents: torch.Tensor, value_latents: torch.Tensor, positions: torch.Tensor) -> None:
-        positions = positions.to(POSITION_DTYPE)
-        if self.key_latents is None:
-            self.key_latents, self.value_latents, self.positions = (
-                key_latents.contiguous(), value_latents.contiguous(), positions.contiguous())
-        else:
-            self.key_latents = torch.cat([self.key_latents, key_latents], dim=1)
-            self.value_latents = torch.cat([self.value_latents, value_latents], dim=1)
-            self.positions = torch.cat([self.positions, positions], dim=1)
+        appends = self.appends
+        self.key_latents = appends.append("key", self.key_latents, key_latents, 1)
+        self.value_latents = appends.append("value", self.value_latents, value_latents, 1)
+        self.positions = appends.append("positions", self.positions, positions.to(POSITION_DTYPE), 1)
 
     def held_latents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.key_latents, self.value_latents, self.positions
@@ -200,3 +198,4 @@ class LatentLayer(CompressedLayer):
         super().reset()
         self.codec = None
         self.key_latents = self.value_latents = self.positions = self.first_position = None
+        self.appends.clear()

@@ -33,3 +33,19 @@ def generate(model, prompt, cache, first, steps=8) -> list[int]:
     with torch.inference_mode():
         out = model.generate(torch.cat([prompt, first], 1), past_key_values=cache, generation_config=config)
     return out[0, prompt.shape[1]:].tolist()
+
+
+def steps_in_place(model, cache, token: torch.Tensor, tensor_of, steps: int = 8) -> list[bool]:
+    """Decode ``steps`` tokens; for each, whether ``tensor_of(layer)`` (appended every step, like the positions)
+    moved. It must move exactly when the room behind it was used up (``AppendBuffers``)."""
+    layer, moves = cache.layers[1], []
+    for _ in range(steps):
+        _, length, capacity = layer.appends.returned["positions"]
+        before = tensor_of(layer).data_ptr()
+        with torch.inference_mode():
+            logits = model(token, **kvbench.prefill.cache_arguments(model, cache), logits_to_keep=1).logits
+        token = logits[:, -1:].argmax(-1)
+        moves.append(tensor_of(layer).data_ptr() != before)
+        assert moves[-1] == (length == capacity)
+        assert layer.nbytes() == sum(t.numel() * t.element_size() for t in layer.tensors())  # the room is not held
+    return moves

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dynakv_helpers import one_thread  # noqa: F401 - autouse fixture
-from lowrank_helpers import ByteTokenizer
+from lowrank_helpers import ByteTokenizer, steps_in_place
 
 from kvbench.layers import LAST_UPDATE
 from kvbench.methods.dynakv import DynaKV, ragged
@@ -47,10 +47,6 @@ def reconstructing(layout: type[RaggedLayer]) -> type[RaggedLayer]:
         def append(self, kind, row, kept, ranks):
             super().append(kind, row, kept, ranks)
             self.__dict__.setdefault("record", {}).setdefault((kind, row), []).append((kept, ranks.long()))
-
-        def clear_row(self, kind, row):
-            super().clear_row(kind, row)
-            self.record[(kind, row)] = []
 
         def held_latents(self):
             width = self.codec.key_basis.shape[-1]
@@ -206,3 +202,13 @@ def test_the_compiled_padding_equals_torch_padding(monkeypatch):
     monkeypatch.setenv("KVBENCH_RAGGED_KERNEL", "0")
     assert kernel.pad_rows(flat, ranks, 192) is None
     assert torch.equal(ragged.dense(flat, ranks.long(), 192), reference)
+
+
+def test_decoding_appends_in_place(methods):
+    """Decoding writes each new token's coefficients, rank and position into the room behind the held ones."""
+    model, prepared = methods
+    prompt = torch.randint(0, 256, (1, CONTEXT + QUESTION), generator=torch.Generator().manual_seed(8))
+    _, tokens, cache = run(model, prepared["paper"], False, prompt, 0.5)
+    token = torch.tensor(tokens[-1]).view(1, 1)
+    for tensor_of in (lambda layer: layer.positions, lambda layer: layer.ranks["value"]):
+        assert steps_in_place(model, cache, token, tensor_of).count(False) >= 6

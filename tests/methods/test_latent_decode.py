@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lowrank_helpers import TINY, ByteTokenizer
+from lowrank_helpers import TINY, ByteTokenizer, steps_in_place
 
 from kvbench.layers import LAST_UPDATE
 from kvbench.methods.lowrank import latent_attention as attention_module
@@ -159,3 +159,12 @@ def test_the_rope_table_is_the_models_rotation_and_follows_inv_freq(llama):
                                    torch.complex(cos[:, :half], sin[:, :half]), atol=0, rtol=0)
     finally:
         rotary.inv_freq.copy_(original)
+
+
+
+def test_decoding_appends_in_place(llama):
+    """A step writes the new token into the room behind the held latents, without copying the history."""
+    prompt = torch.randint(0, 256, (1, CONTEXT + QUESTION), generator=torch.Generator().manual_seed(8))
+    _, tokens, cache = run(llama, spec_of("palu"), None, prompt)
+    moves = steps_in_place(llama, cache, torch.tensor(tokens[-1]).view(1, 1), lambda layer: layer.positions)
+    assert moves.count(False) >= 6
