@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Decode tokens/s, prefill ratios, KV bytes and the bandwidth-limit ratios per method at 4K and 8K tokens on the
 # embedded SmolLM2-135M, CPU, side by side with full in one process (python -m kvbench bench).
-# Run on a quiet machine: nothing else running. Writes results/speed-cpu-{latent,latent-prefill,token}/ and their reports.
+# Run on a quiet machine: nothing else running. Writes results/speed-cpu-{latent,latent-prefill,token}/ and their
+# reports.
 # 8064 + 128 decoded tokens = SmolLM2's 8192-token context.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -40,9 +40,9 @@ class AppendBuffers:
         shape = list(held.shape)
         shape[dim] = length + added
         start, known, capacity = self.returned.get(slot, (None, 0, 0))
-        writable = not held.is_inference() or torch.is_inference_mode_enabled()  # torch refuses it outside
-        if start == held.data_ptr() and known == length and length + added <= capacity and writable:
-            grown = held.new_empty(0).set_(held.untyped_storage(), held.storage_offset(), shape, held.stride())
+        fits = start == held.data_ptr() and known == length and length + added <= capacity
+        if fits and self._ours(held, dim, capacity):
+            grown = held.new_empty(0).set_(held.untyped_storage(), 0, shape, held.stride())
         else:
             capacity = length + added + min(ROOM * added, max(added, length // ROOM_SHARE))
             shape[dim] = capacity
@@ -51,6 +51,15 @@ class AppendBuffers:
         grown.narrow(dim, length, added).copy_(new)
         self.returned[slot] = grown.data_ptr(), length + added, capacity
         return grown
+
+    @staticmethod
+    def _ours(held: torch.Tensor, dim: int, capacity: int) -> bool:
+        """Whether ``held`` starts an allocation of exactly ``capacity`` along ``dim`` (one this slot made) that
+        torch lets us write into here (not an inference tensor outside inference mode)."""
+        size = held.element_size() * held.numel() // max(1, held.shape[dim]) * capacity
+        if held.storage_offset() != 0 or held.untyped_storage().nbytes() != size:
+            return False
+        return not held.is_inference() or torch.is_inference_mode_enabled()
 
     def clear(self) -> None:
         self.returned = {}

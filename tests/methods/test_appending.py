@@ -46,3 +46,15 @@ def test_inference_tensors_are_copied_outside_inference_mode():
         held = buffers.append("slot", torch.zeros(1, 32, 2), torch.ones(1, 1, 2), 1)
     held = buffers.append("slot", held, torch.full((1, 1, 2), 2.0), 1)  # torch forbids writing into it here
     assert held[0, -2:].tolist() == [[1.0, 1.0], [2.0, 2.0]] and held.shape == (1, 34, 2)
+
+
+def test_a_tensor_that_only_looks_like_the_last_one_is_copied():
+    """Same start and length as what the slot returned, but not its allocation (a view into other memory): the
+    append must not write past it."""
+    buffers = AppendBuffers()
+    first = buffers.append("slot", torch.zeros(32), torch.ones(1), 0)
+    other = torch.full((100,), 5.0)
+    start, length, capacity = buffers.returned["slot"]
+    buffers.returned["slot"] = other.data_ptr(), 33, capacity  # as if ``other`` had landed at the same address
+    grown = buffers.append("slot", other[:33], torch.tensor([9.0]), 0)
+    assert other[33] == 5.0 and grown[33] == 9.0 and first.shape == (33,)

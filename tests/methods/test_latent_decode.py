@@ -161,7 +161,6 @@ def test_the_rope_table_is_the_models_rotation_and_follows_inv_freq(llama):
         rotary.inv_freq.copy_(original)
 
 
-
 def test_decoding_appends_in_place(llama):
     """A step writes the new token into the room behind the held latents, without copying the history."""
     prompt = torch.randint(0, 256, (1, CONTEXT + QUESTION), generator=torch.Generator().manual_seed(8))
