@@ -25,6 +25,8 @@ from contextvars import ContextVar
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from kvbench.appending import AppendBuffers
+
 # (layer, keys returned by its last update): lets kvbench's attention function find the layer whose keys it sees.
 LAST_UPDATE: ContextVar[tuple[CompressedLayer, torch.Tensor] | None] = ContextVar("kvbench_last_update", default=None)
 LENGTH_DTYPE = torch.long  # how ``PerHeadLayer`` stores each KV head's length
@@ -63,15 +65,20 @@ class CompressedLayer(DynamicLayer):
         self.scores: torch.Tensor | None = None
         self.recent_queries: torch.Tensor | None = None
         self.owner: weakref.ref | None = None  # the cache whose method compresses this layer while decoding
+        self.appends = AppendBuffers()  # new tokens are written in place, not by copying the cache (appending.py)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        """``DynamicLayer.update`` (append along the tokens, return everything held) without its per-step copy."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = self.appends.append("keys", self.keys, key_states, -2)
+        self.values = self.appends.append("values", self.values, value_states, -2)
         self.seen_tokens += key_states.shape[-2]
         if self.scores is not None:
-            self.scores = torch.cat([self.scores, self.scores.new_zeros(*self.scores.shape[:2], key_states.shape[-2])],
-                                    dim=-1)
-        LAST_UPDATE.set((self, keys))
-        return keys, values
+            zeros = self.scores.new_zeros(*self.scores.shape[:2], key_states.shape[-2])
+            self.scores = self.appends.append("scores", self.scores, zeros, -1)
+        LAST_UPDATE.set((self, self.keys))
+        return self.keys, self.values
 
     def held_tokens(self) -> int:
         return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
@@ -121,6 +128,7 @@ class CompressedLayer(DynamicLayer):
         self.seen_tokens = 0
         self.full_nbytes = None
         self.scores = self.recent_queries = None
+        self.appends.clear()
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer stores; what ``nbytes`` counts."""

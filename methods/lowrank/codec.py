@@ -22,7 +22,6 @@ import torch
 
 from kvbench.layers import LAST_UPDATE, CompressedLayer
 from kvbench.methods.lowrank.allocation import POSITION_DTYPE
-from kvbench.methods.lowrank.appending import AppendBuffers
 from kvbench.methods.lowrank.latent_attention import LatentBlock, interleaved, latent_attention
 from kvbench.rope import apply_rope, cos_sin, undo_rope
 
@@ -123,7 +122,6 @@ class LatentLayer(CompressedLayer):
         self.value_latents: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None  # [batch, held] int32
         self.first_position: int | None = None  # set when every row holds positions first, first + 1, ... (no gaps)
-        self.appends = AppendBuffers()  # decoding appends in place (appending.py)
 
     @property
     def is_latent(self) -> bool:
@@ -198,4 +196,3 @@ class LatentLayer(CompressedLayer):
         super().reset()
         self.codec = None
         self.key_latents = self.value_latents = self.positions = self.first_position = None
-        self.appends.clear()

@@ -35,12 +35,13 @@ def generate(model, prompt, cache, first, steps=8) -> list[int]:
     return out[0, prompt.shape[1]:].tolist()
 
 
-def steps_in_place(model, cache, token: torch.Tensor, tensor_of, steps: int = 8) -> list[bool]:
-    """Decode ``steps`` tokens; for each, whether ``tensor_of(layer)`` (appended every step, like the positions)
-    moved. It must move exactly when the room behind it was used up (``AppendBuffers``)."""
+def steps_in_place(model, cache, token: torch.Tensor, tensor_of, steps: int = 8, slot: str = "positions"
+                   ) -> list[bool]:
+    """Decode ``steps`` tokens; for each, whether ``tensor_of(layer)`` (appended every step, like ``slot``) moved.
+    It must move exactly when the room behind it was used up (``AppendBuffers``)."""
     layer, moves = cache.layers[1], []
     for _ in range(steps):
-        _, length, capacity = layer.appends.returned["positions"]
+        _, length, capacity = layer.appends.returned[slot]
         before = tensor_of(layer).data_ptr()
         with torch.inference_mode():
             logits = model(token, **kvbench.prefill.cache_arguments(model, cache), logits_to_keep=1).logits

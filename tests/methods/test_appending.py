@@ -1,8 +1,8 @@
-"""In-place appends for latent caches: the same tensors as ``torch.cat``, no copy per step, bounded room."""
+"""In-place appends: the same tensors as ``torch.cat``, no copy per step, bounded room."""
 
 import torch
 
-from kvbench.methods.lowrank.appending import ROOM, ROOM_SHARE, AppendBuffers
+from kvbench.appending import ROOM, ROOM_SHARE, AppendBuffers
 
 
 def test_appends_equal_cat_and_write_in_place_until_the_room_is_used():

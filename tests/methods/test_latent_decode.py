@@ -161,9 +161,15 @@ def test_the_rope_table_is_the_models_rotation_and_follows_inv_freq(llama):
         rotary.inv_freq.copy_(original)
 
 
-def test_decoding_appends_in_place(llama):
-    """A step writes the new token into the room behind the held latents, without copying the history."""
+@pytest.mark.parametrize("name", ["palu", "full", "snapkv"])
+def test_decoding_appends_in_place(llama, name):
+    """A step writes the new token into the room behind the held latents (or keys and values: the full cache and
+    eviction too), without copying the history."""
     prompt = torch.randint(0, 256, (1, CONTEXT + QUESTION), generator=torch.Generator().manual_seed(8))
-    _, tokens, cache = run(llama, spec_of("palu"), None, prompt)
-    moves = steps_in_place(llama, cache, torch.tensor(tokens[-1]).view(1, 1), lambda layer: layer.positions)
+    _, tokens, cache = run(llama, spec_of("palu") if name == "palu" else name, None, prompt)
+    token = torch.tensor(tokens[-1]).view(1, 1)
+    if name == "palu":
+        moves = steps_in_place(llama, cache, token, lambda layer: layer.positions)
+    else:
+        moves = steps_in_place(llama, cache, token, lambda layer: layer.values, slot="values")
     assert moves.count(False) >= 6
