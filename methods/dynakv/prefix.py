@@ -24,18 +24,9 @@ from kvbench.methods.dynakv.ragged import KINDS, RaggedLayer, prefix_mask
 from kvbench.methods.dynakv.spectral import SpectralGates, hard_ranks, merge_heads, rank_dtype
 from kvbench.methods.lowrank.allocation import POSITION_DTYPE
 from kvbench.methods.lowrank.codec import LowRankCodec
-from kvbench.methods.lowrank.latent_attention import LatentBlock, RopeTable
+from kvbench.methods.lowrank.latent_attention import LatentBlock, pre_rope
 
 FIRST = 2.0  # the stored soft mask of a token's first coefficient: above any threshold (soft masks are <= 1)
-
-
-def pre_rope(keys: torch.Tensor, positions: torch.Tensor, rotary: torch.nn.Module) -> torch.Tensor:
-    """Post-RoPE ``keys`` ``[batch, kv_heads, new, head_dim]`` at ``positions`` ``[batch, new]``, un-rotated (float32):
-    each (i, i + head_dim/2) pair divided by the rotation the attention applies (``RopeTable``, scaling included)."""
-    half = keys.shape[-1] // 2
-    table = RopeTable.of(rotary).get(int(positions.max()) + 1, keys.device)
-    pairs = torch.complex(keys[..., :half].float(), keys[..., half:].float()) / table[positions.long()][:, None]
-    return torch.cat([pairs.real, pairs.imag], dim=-1)
 
 
 def cut_threshold(masks: list[torch.Tensor], remove: int, bins: int = 4096) -> float:

@@ -22,8 +22,8 @@ import torch
 
 from kvbench.layers import LAST_UPDATE, CompressedLayer
 from kvbench.methods.lowrank.allocation import POSITION_DTYPE
-from kvbench.methods.lowrank.latent_attention import LatentBlock, interleaved, latent_attention
-from kvbench.rope import apply_rope, cos_sin, undo_rope
+from kvbench.methods.lowrank.latent_attention import LatentBlock, interleaved, latent_attention, pre_rope
+from kvbench.rope import apply_rope, cos_sin
 
 
 @dataclass
@@ -75,11 +75,15 @@ class LowRankCodec:
         shape = (*positions.shape, cos.shape[-1])
         return cos.reshape(shape).unsqueeze(1), sin.reshape(shape).unsqueeze(1)
 
-    def project(self, states: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    def project(self, states: torch.Tensor, basis: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """States ``[batch, kv_heads, tokens, head_dim]`` -> latents ``[batch, tokens, groups * rank]`` in ``dtype``
+        (one product per group; decoding encodes a token per layer and step, so no einsum dispatch)."""
         batch, _, tokens, _ = states.shape
         groups = basis.shape[0]
-        flat = states.transpose(1, 2).reshape(batch, tokens, groups, -1)
-        return torch.einsum("btgd,gdr->btgr", flat, basis.to(states.dtype)).reshape(batch, tokens, -1)
+        flat = states.transpose(1, 2).reshape(batch, tokens, groups, -1).to(dtype)
+        basis = basis.to(dtype)
+        parts = [torch.matmul(flat[:, :, g], basis[g]) for g in range(groups)]
+        return parts[0] if groups == 1 else torch.cat(parts, -1)
 
     def lift(self, latents: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
         """Latents ``[batch, tokens, groups * r']`` with ``r' <= rank`` (a prefix: DynaKV zero-pads) to states."""
@@ -93,8 +97,8 @@ class LowRankCodec:
     def encode(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Post-RoPE keys and values at ``positions`` ``[batch, tokens]`` -> key and value latents."""
-        cos, sin = self.tables(positions, keys.dtype)
-        return self.project(undo_rope(keys, cos, sin), self.key_basis), self.project(values, self.value_basis)
+        pre = pre_rope(keys, positions, self.rotary)
+        return self.project(pre, self.key_basis, keys.dtype), self.project(values, self.value_basis, values.dtype)
 
     def decode(self, key_latents: torch.Tensor, value_latents: torch.Tensor, positions: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:

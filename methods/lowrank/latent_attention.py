@@ -43,12 +43,7 @@ class LatentBlock:
 def interleaved(heads: torch.Tensor) -> torch.Tensor:
     """Per-head rows ``[kv_heads, rank, head_dim]`` with columns reordered ``0, d/2, 1, d/2 + 1, ...`` (RoPE pairs
     adjacent, so a rebuilt key reads as ``head_dim / 2`` complex numbers)."""
-    return heads[..., _pairs(heads.shape[-1], heads.device)].contiguous()
-
-
-def _pairs(head_dim: int, device: torch.device) -> torch.Tensor:
-    half = torch.arange(head_dim // 2, device=device)
-    return torch.stack([half, half + head_dim // 2], -1).reshape(-1)
+    return heads.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2).contiguous()
 
 
 class RopeTable:
@@ -82,6 +77,16 @@ class RopeTable:
         return self.table
 
 
+def pre_rope(keys: torch.Tensor, positions: torch.Tensor, rotary: torch.nn.Module) -> torch.Tensor:
+    """Post-RoPE ``keys`` ``[batch, kv_heads, new, head_dim]`` at ``positions`` ``[batch, new]``, un-rotated (float32):
+    each (i, i + head_dim/2) pair divided by the rotation the attention applies (``RopeTable``, scaling included).
+    One complex division against the shared table, where the rotary module would rebuild cos/sin for each call."""
+    half = keys.shape[-1] // 2
+    table = RopeTable.of(rotary).get(int(positions.max()) + 1, keys.device)
+    pairs = torch.complex(keys[..., :half].float(), keys[..., half:].float()) / table[positions.long()][:, None]
+    return torch.cat([pairs.real, pairs.imag], dim=-1)
+
+
 def latent_attention(codec, query: torch.Tensor, scaling: float, keys: list[LatentBlock], values: list[LatentBlock],
                      positions: torch.Tensor, end: int, first_position: int | None, newest: int | None = None
                      ) -> torch.Tensor:
@@ -103,10 +108,13 @@ def latent_attention(codec, query: torch.Tensor, scaling: float, keys: list[Late
                                            end - max(0, q_len - start - rows), first_position, end - 1)
                           for start in range(0, q_len, rows)], dim=1)
     per_kv = heads // kv_heads * q_len
-    grouped = query.reshape(batch, kv_heads, per_kv, head_dim)[..., _pairs(head_dim, query.device)]
+    # RoPE pairs (i, i + d/2) side by side, as the rebuilt keys have them; the scaling applied to the few queries
+    grouped = query.reshape(batch, kv_heads, per_kv, 2, head_dim // 2).transpose(-1, -2)
+    grouped = grouped.reshape(batch, kv_heads, per_kv, head_dim) * scaling
     table = RopeTable.of(codec.rotary).get(end, query.device)
-    scores = query.new_empty(batch, kv_heads, per_kv, held, dtype=torch.float32)
     step = max(1, CHUNK_BYTES[device] // (kv_heads * head_dim * 4))
+    whole = len(keys) == 1 and keys[0].columns is None and held <= step  # one chunk: its scores are the scores
+    scores = None if whole else query.new_empty(batch, kv_heads, per_kv, held, dtype=torch.float32)
     for block in keys:
         tokens = block.latents.shape[1]
         for start in range(0, tokens, step):
@@ -118,11 +126,13 @@ def latent_attention(codec, query: torch.Tensor, scaling: float, keys: list[Late
                 rotation = table[positions[:, where].long()].unsqueeze(2)
             rotated = _rotated(codec, block.latents[:, part], rotation, query.dtype)
             chunk = torch.matmul(grouped, rotated.permute(0, 2, 3, 1))
-            if block.columns is None:
+            if whole:
+                scores = chunk.float()
+            elif block.columns is None:
                 scores[..., where] = chunk
             else:
                 scores.index_copy_(-1, where, chunk.float())
-    scores = scores.view(batch, kv_heads, heads // kv_heads, q_len, held).mul_(scaling)
+    scores = scores.view(batch, kv_heads, heads // kv_heads, q_len, held)
     if q_len > 1 or (newest is not None and newest >= end):  # the newest token alone sees every held one
         query_positions = torch.arange(end - q_len, end, device=query.device)[:, None]
         hidden = positions[:, None, None, None, :] > query_positions  # [batch, 1, 1, q_len, held]

@@ -13,9 +13,10 @@ from transformers import GenerationConfig
 
 from kvbench.methods.dynakv import DynaKV
 from kvbench.methods.dynakv.library import dims_for_budget, metadata_fraction
-from kvbench.methods.dynakv.prefix import FIRST, PrefixLayer, cut_threshold, pre_rope
+from kvbench.methods.dynakv.prefix import FIRST, PrefixLayer, cut_threshold
 from kvbench.methods.dynakv.ragged import prefix_mask, rank_classes
 from kvbench.methods.dynakv.spectral import hard_ranks, merge_heads
+from kvbench.methods.lowrank.latent_attention import pre_rope
 from kvbench.prefill import prepare
 from kvbench.spec import SpecError, parse_spec
 from kvbench.testing import calibration_file

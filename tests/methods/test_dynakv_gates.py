@@ -167,7 +167,7 @@ def test_both_kinds_gated_at_once_equal_each_kind_alone():
 
 
 def test_keys_are_unrotated_with_the_models_own_rotation():
-    from kvbench.methods.dynakv.prefix import pre_rope
+    from kvbench.methods.lowrank.latent_attention import pre_rope
     from kvbench.rope import apply_rope, cos_sin, rotary_module
 
     rotary = rotary_module(tiny_model("llama"))
