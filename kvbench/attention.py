@@ -47,7 +47,8 @@ def register(base: str) -> str:
         layer = updated[0] if updated is not None and updated[1] is key else None
         LAST_UPDATE.set(None)  # a stale reference would keep the previous cell's whole cache alive
         scaling = kwargs.get("scaling") or module.scaling
-        custom = layer.attend(query, scaling, attention_mask) if layer is not None else None
+        flash_varlen = base == "flash_attention_2" and getattr(layer, "packed", False)  # packed per-head layers
+        custom = layer.attend(query, scaling, attention_mask) if layer is not None and not flash_varlen else None
         if custom is not None:
             output = (custom, None)
         elif base == "flash_attention_2":  # flash-attn called directly, packed per-head layers through varlen

@@ -9,8 +9,9 @@ attention name (kvbench's is ``kvbench_flash_attention_2``, unknown to it). Two 
   ``q_len`` of the held keys", so no mask is needed whatever the layer holds. GQA is native (no repeated KV heads).
 - Packed per-head layers (``kvbench.layers.PerHeadLayer``: AdaKV, HeadKV, KVCompose, ... where each KV head holds
   its own number of tokens): ``flash_attn_varlen_func`` with one sequence per (batch, KV head). The keys and values
-  are the layer's packed storage as it is (no padding, no dense view); each sequence's queries are the query heads
-  of its KV-head group, so a sequence has ``group`` heads against one KV head.
+  are the layer's packed storage (no padding, no dense view), with the tail of later tokens joined behind each
+  head (``PerHeadLayer.packed_heads``: a copy once the tail holds tokens); each sequence's queries are the query
+  heads of its KV-head group, so a sequence has ``group`` heads against one KV head.
 
 Batches with padding are not supported (kvbench runs one unpadded prompt at a time); padded input is refused.
 """
@@ -58,15 +59,16 @@ def _per_head(layer: Any, query: torch.Tensor, scaling: float, causal: bool, var
               options: dict[str, Any]) -> torch.Tensor:
     """One varlen sequence per (batch, KV head): its ``group`` query heads against that head's packed keys."""
     batch, heads, q_len, head_dim = query.shape
-    kv_heads = layer.lengths.shape[1]
+    keys, values, lengths = layer.packed_heads()
+    kv_heads = lengths.shape[1]
     group = heads // kv_heads
-    lengths = layer.lengths.flatten()  # (batch, head) order: the order of the packed keys and values
+    lengths = lengths.flatten()  # (batch, head) order: the order of the packed keys and values
     sequences = lengths.numel()
     # [batch, kv_heads, group, q_len, dim] -> [batch, kv_heads, q_len, group, dim] -> [sequences * q_len, group, dim]
     q = query.reshape(batch, kv_heads, group, q_len, head_dim).transpose(2, 3).reshape(-1, group, head_dim)
     cu_q = torch.arange(0, (sequences + 1) * q_len, q_len, dtype=torch.int32, device=query.device)
     cu_k = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    out = varlen(q.contiguous(), layer.keys[:, None], layer.values[:, None], cu_q, cu_k, q_len, int(lengths.max()),
+    out = varlen(q.contiguous(), keys[:, None], values[:, None], cu_q, cu_k, q_len, int(lengths.max()),
                  softmax_scale=scaling, causal=causal, **options)
     out = out.reshape(batch, kv_heads, q_len, group, -1).permute(0, 2, 1, 3, 4)
     return out.reshape(batch, q_len, heads, out.shape[-1])

@@ -149,40 +149,47 @@ class CompressedLayer(DynamicLayer):
 class PerHeadLayer(CompressedLayer):
     """Per-head variable length, stored packed: no padding, no masking, no KV repeated per query head.
 
-    Before compression the layer is dense like ``CompressedLayer``. ``keep_per_head`` packs it: ``keys`` and
-    ``values`` become ``[sum of held tokens over (batch, kv_head), head_dim]`` in (batch, head, position) order,
-    and ``lengths`` (``[batch, kv_heads]``) says how many tokens each head holds. Attention gets a transient
-    dense view, left-padded to the longest head, and a per-head mask that hides the padding (``attention_mask``).
+    Before compression the layer is dense like ``CompressedLayer``. ``keep_per_head`` packs it: ``packed_keys`` and
+    ``packed_values`` are ``[sum of held tokens over (batch, kv_head), head_dim]`` in (batch, head, position) order,
+    and ``lengths`` (``[batch, kv_heads]``) says how many of them each head holds. Tokens that arrive later reach
+    every head, so they go to a dense tail, ``keys``/``values`` ``[batch, kv_heads, new, head_dim]``, appended in
+    place like any layer's: a head holds its packed tokens, then the tail. Attention reads views of both
+    (``attend``), so no decoding step copies or pads the cache.
     """
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.lengths: torch.Tensor | None = None
-        self._valid: torch.Tensor | None = None  # [batch, kv_heads, longest] of the last dense view
+        self.packed_keys: torch.Tensor | None = None
+        self.packed_values: torch.Tensor | None = None
 
     @property
     def packed(self) -> bool:
         return self.lengths is not None
 
+    def tail_tokens(self) -> int:
+        return self.keys.shape[-2]
+
     def held_tokens(self) -> int:
-        """Tokens per head that attention sees: the longest head's length."""
-        return int(self.lengths.max()) if self.packed else super().held_tokens()
+        """Tokens per head that attention sees at most: the longest head's length."""
+        return int(self.lengths.max()) + self.tail_tokens() if self.packed else super().held_tokens()
 
     def tokens_per_head(self) -> float:
-        return float(self.lengths.float().mean()) if self.packed else super().tokens_per_head()
+        return float(self.lengths.float().mean()) + self.tail_tokens() if self.packed else super().tokens_per_head()
 
     def head_lengths(self) -> torch.Tensor:
         """``[batch, kv_heads]`` tokens held per head."""
         if self.packed:
-            return self.lengths
+            return self.lengths + self.tail_tokens()
         return torch.full(self.keys.shape[:2], self.held_tokens(), dtype=torch.long, device=self.keys.device)
 
     def tensors(self) -> list[torch.Tensor]:
-        return super().tensors() + ([self.lengths] if self.packed else [])
+        packed = [self.packed_keys, self.packed_values, self.lengths] if self.packed else []
+        return super().tensors() + packed
 
     def reset(self) -> None:
         super().reset()
-        self.lengths = self._valid = None
+        self.lengths = self.packed_keys = self.packed_values = None
 
     def crop(self, tokens_to_remove: int) -> None:
         if self.packed:
@@ -190,70 +197,69 @@ class PerHeadLayer(CompressedLayer):
         super().crop(tokens_to_remove)
 
     def heads(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``(keys, values)`` of every (batch, kv_head), each ``[held, head_dim]``, in (batch, head) order."""
+        """``(keys, values)`` of every (batch, kv_head), each ``[held, head_dim]``, in (batch, head) order (copies
+        when a packed head has a tail)."""
+        tails = list(zip(self.keys.flatten(0, 1).unbind(0), self.values.flatten(0, 1).unbind(0), strict=True))
         if not self.packed:
-            return list(zip(self.keys.flatten(0, 1).unbind(0), self.values.flatten(0, 1).unbind(0), strict=True))
+            return tails
         sizes = self.lengths.flatten().tolist()
-        return list(zip(self.keys.split(sizes), self.values.split(sizes), strict=True))
+        packed = zip(self.packed_keys.split(sizes), self.packed_values.split(sizes), strict=True)
+        if not self.tail_tokens():
+            return list(packed)
+        return [(torch.cat([k, tk]), torch.cat([v, tv])) for (k, v), (tk, tv) in zip(packed, tails, strict=True)]
+
+    def packed_heads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every head's tokens, tail included, packed in (batch, head, position) order, and their ``[batch, kv_heads]``
+        lengths: flash-attn's variable-length layout (a copy when the tail holds tokens)."""
+        if not self.tail_tokens():
+            return self.packed_keys, self.packed_values, self.lengths
+        heads = self.heads()
+        return torch.cat([k for k, _ in heads]), torch.cat([v for _, v in heads]), self.head_lengths()
 
     def keep_per_head(self, indices: list[torch.Tensor]) -> None:
-        """Keep, per (batch, kv_head) in that order, the sorted token ``indices`` of that head; packs the layer."""
-        batch, kv_heads = (self.lengths.shape if self.packed else self.keys.shape[:2])
+        """Keep, per (batch, kv_head) in that order, the sorted token ``indices`` of that head (the tail's tokens
+        count after the packed ones); packs the layer, with an empty tail."""
+        batch, kv_heads, _, head_dim = self.keys.shape
         kept = [(k[i], v[i]) for (k, v), i in zip(self.heads(), indices, strict=True)]
-        self.keys = torch.cat([k for k, _ in kept]).contiguous()
-        self.values = torch.cat([v for _, v in kept]).contiguous()
-        self.lengths = torch.tensor([len(i) for i in indices], dtype=LENGTH_DTYPE, device=self.keys.device)
-        self.lengths = self.lengths.reshape(batch, kv_heads)
+        self.packed_keys = torch.cat([k for k, _ in kept]).contiguous()
+        self.packed_values = torch.cat([v for _, v in kept]).contiguous()
+        lengths = torch.tensor([len(i) for i in indices], dtype=LENGTH_DTYPE, device=self.packed_keys.device)
+        self.lengths = lengths.reshape(batch, kv_heads)
+        self.keys = self.keys.new_empty(batch, kv_heads, 0, head_dim)
+        self.values = self.values.new_empty(batch, kv_heads, 0, self.values.shape[-1])
         self.scores = None
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def attend(self, query: torch.Tensor, scaling: float, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Attention output ``[batch, q_len, heads, head_dim]`` of a packed layer: the softmax over each head's packed
+        tokens and the tail together, exactly. Every head's logits go side by side into one transient ``[batch,
+        kv_heads, group * q_len, longest + tail]`` tensor (-inf beyond a head's own tokens), normalised at once:
+        only the logits are padded, never keys or values. The queries are the tail's last ``q_len`` tokens
+        (causal; unpadded rows, as kvbench runs them)."""
         if not self.packed:
-            return super().update(key_states, value_states, *args, **kwargs)
-        batch, kv_heads, q_len, _ = key_states.shape
-        rows = batch * kv_heads
-        lengths = self.lengths.flatten()
-        head_of = torch.repeat_interleave(torch.arange(rows, device=lengths.device), lengths)
-        starts = torch.cumsum(lengths, 0) - lengths  # where each head's segment starts in the old packing
-        new_starts = starts + torch.arange(rows, device=lengths.device) * q_len
-        new_slots = (new_starts + lengths)[:, None] + torch.arange(q_len, device=lengths.device)  # [rows, q_len]
-        total = self.keys.shape[0] + rows * q_len
-        old_slots = torch.arange(self.keys.shape[0], device=lengths.device) + head_of * q_len
-        packed = []
-        for stored, new in ((self.keys, key_states), (self.values, value_states)):
-            out = stored.new_empty(total, stored.shape[-1])
-            out[old_slots] = stored
-            out[new_slots.flatten()] = new.flatten(0, 2)
-            packed.append(out)
-        self.keys, self.values = packed
-        self.lengths = self.lengths + q_len
-        self.seen_tokens += q_len
-        keys, values = self.dense()
-        LAST_UPDATE.set((self, keys))
-        return keys, values
-
-    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Transient ``[batch, kv_heads, longest, head_dim]`` views, each head right-aligned (left padding)."""
-        batch, kv_heads = self.lengths.shape
-        lengths = self.lengths.flatten()
-        longest = int(lengths.max())
-        head_of = torch.repeat_interleave(torch.arange(batch * kv_heads, device=lengths.device), lengths)
-        starts = torch.cumsum(lengths, 0) - lengths
-        within = torch.arange(self.keys.shape[0], device=lengths.device) - starts[head_of]
-        slots = head_of * longest + (longest - lengths[head_of]) + within
-        views = []
-        for stored in (self.keys, self.values):
-            out = stored.new_zeros(batch * kv_heads * longest, stored.shape[-1])
-            out[slots] = stored
-            views.append(out.reshape(batch, kv_heads, longest, stored.shape[-1]))
-        positions = torch.arange(longest, device=lengths.device)
-        self._valid = (positions >= (longest - self.lengths)[..., None])  # [batch, kv_heads, longest]
-        return views[0], views[1]
-
-    def attention_mask(self, query: torch.Tensor, keys: torch.Tensor,
-                       given: torch.Tensor | None) -> torch.Tensor | None:
-        if not self.packed:
-            return super().attention_mask(query, keys, given)
-        q_len, kv_len = query.shape[-2], keys.shape[-2]
-        group = query.shape[1] // keys.shape[1]
-        mask = causal_mask(q_len, kv_len, keys.device)[None, None] & self._valid[:, :, None, :]
-        return mask.repeat_interleave(group, dim=1)  # transient, one per query head: sdpa needs it per head
+            return None
+        batch, heads, q_len, head_dim = query.shape
+        kv_heads, tail = self.lengths.shape[1], self.tail_tokens()
+        rows = heads // kv_heads * q_len
+        sizes = self.lengths.flatten().tolist()
+        longest = max(sizes)
+        grouped = query.reshape(batch, kv_heads, rows, head_dim) * scaling
+        logits = grouped.new_full((batch, kv_heads, rows, longest + tail), float("-inf"))
+        keys = self.packed_keys.split(sizes)
+        for row, (held, size) in enumerate(zip(keys, sizes, strict=True)):
+            b, h = divmod(row, kv_heads)
+            torch.matmul(grouped[b, h], held.T, out=logits[b, h, :, :size])
+        if tail:
+            torch.matmul(grouped, self.keys.transpose(-1, -2), out=logits[..., longest:])
+            if q_len > 1:
+                future = causal_mask(q_len, tail, query.device).logical_not()
+                logits[..., longest:].view(batch, kv_heads, -1, q_len, tail).masked_fill_(future, float("-inf"))
+        weights = logits.softmax(-1, dtype=torch.float32).to(self.packed_values.dtype)
+        out = weights.new_empty(batch, kv_heads, rows, self.packed_values.shape[-1])
+        values = self.packed_values.split(sizes)
+        for row, (held, size) in enumerate(zip(values, sizes, strict=True)):
+            b, h = divmod(row, kv_heads)
+            torch.matmul(weights[b, h, :, :size], held, out=out[b, h])
+        if tail:
+            out += weights[..., longest:] @ self.values
+        out = out.view(batch, kv_heads, -1, q_len, out.shape[-1]).reshape(batch, heads, q_len, -1)
+        return out.transpose(1, 2).contiguous().to(query.dtype)

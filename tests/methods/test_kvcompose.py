@@ -80,7 +80,7 @@ def test_unstructured_heads_are_packed_with_their_own_counts(model, prompt):
     assert lengths.min() >= 1 and len(set(lengths.flatten().tolist())) > 1
     assert compressed.kv_bytes == stored_bytes(compressed)
     for layer in compressed.cache.layers:
-        assert layer.keys.shape[0] == int(layer.lengths.sum()) and layer.keys.dim() == 2  # packed, no padding
+        assert layer.packed_keys.shape[0] == int(layer.lengths.sum()) and layer.packed_keys.dim() == 2  # no padding
 
 
 def test_budget_one_keeps_everything_and_skips_the_task_pass(llama, prompt):

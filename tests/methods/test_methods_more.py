@@ -141,7 +141,8 @@ def test_adakv_stores_variable_lengths_per_head_packed(model):
         assert int(lengths.sum()) == pool
         assert int(lengths.min()) >= max(1, math.floor(0.2 * n_keep))  # alpha floor
         # Packed: no padding, not repeated per query head.
-        assert layer.keys.shape == layer.values.shape == (pool, head_dim)
+        assert layer.packed_keys.shape == layer.packed_values.shape == (pool, head_dim)
+        assert layer.keys.shape == (1, kv_heads, 0, head_dim)  # the tail of later tokens, empty
         total_bytes += 2 * pool * head_dim * 4 + layer.lengths.numel() * 8
     assert varied, "the heads should keep different counts on a random model"
     assert cache.nbytes() == total_bytes
@@ -164,16 +165,34 @@ def test_packed_update_appends_to_every_head():
     layer.keep_per_head([torch.tensor([0, 4]), torch.tensor([1, 2, 5])])
     new = torch.full((1, 2, 2, 2), -1.0)
     new[:, 1] = -2.0
-    dense_keys, dense_values = layer.update(new, new)
-    assert layer.lengths.tolist() == [[4, 5]] and layer.seen_tokens == 8
-    assert dense_keys.shape == (1, 2, 5, 2)
-    assert dense_keys[0, 0, 1:, 0].tolist() == [0.0, 8.0, -1.0, -1.0]  # left-padded by one
-    assert dense_keys[0, 1, :, 0].tolist() == [14.0, 16.0, 22.0, -2.0, -2.0]
-    assert layer.keys.shape == (9, 2)  # the stored cache stays packed
-    mask = layer.attention_mask(torch.zeros(1, 4, 2, 2), dense_keys, None)
-    assert mask.shape == (1, 4, 2, 5)
-    assert mask[0, 0].tolist() == [[False, True, True, True, False], [False, True, True, True, True]]
-    assert mask[0, 2].tolist() == [[True, True, True, True, False], [True] * 5]
+    layer.update(new, new)
+    assert layer.lengths.tolist() == [[2, 3]] and layer.head_lengths().tolist() == [[4, 5]]
+    assert layer.seen_tokens == 8 and layer.held_tokens() == 5 and layer.tokens_per_head() == 4.5
+    assert layer.packed_keys.shape == (5, 2) and layer.keys.shape == (1, 2, 2, 2)  # packed, then a dense tail
+    (head0, _), (head1, _) = layer.heads()
+    assert head0[:, 0].tolist() == [0.0, 8.0, -1.0, -1.0]
+    assert head1[:, 0].tolist() == [14.0, 16.0, 22.0, -2.0, -2.0]
+    assert layer.nbytes() == (5 + 2 * 2) * 2 * 4 * 2 + 2 * 8  # packed + tail, keys and values, and the lengths
+    packed_keys, _, lengths = layer.packed_heads()
+    assert lengths.tolist() == [[4, 5]] and packed_keys[:, 0].tolist() == head0[:, 0].tolist() + head1[:, 0].tolist()
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_packed_attention_is_attention_over_each_heads_tokens(q_len):
+    """Per head: softmax over its packed tokens and the tail (causal among the newest), as sdpa computes it."""
+    torch.manual_seed(0)
+    layer = PerHeadLayer()
+    layer.update(torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8))
+    layer.keep_per_head([torch.tensor([0, 4, 7]), torch.tensor([1, 2, 3, 5, 6, 8])])
+    layer.update(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8))  # an earlier decoded chunk, in the tail
+    layer.update(torch.randn(1, 2, q_len, 8), torch.randn(1, 2, q_len, 8))
+    query = torch.randn(1, 6, q_len, 8)  # three query heads per KV head
+    got = layer.attend(query, 0.3, None)
+    for h, (keys, values) in enumerate(layer.heads()):
+        visible = torch.ones(q_len, keys.shape[0], dtype=torch.bool).tril(keys.shape[0] - q_len)
+        want = torch.nn.functional.scaled_dot_product_attention(query[:, 3 * h:3 * h + 3], keys[None, None],
+                                                                values[None, None], attn_mask=visible, scale=0.3)
+        torch.testing.assert_close(got[:, :, 3 * h:3 * h + 3], want.transpose(1, 2))
 
 
 _KEEP: dict[int, torch.Tensor] = {}  # layer -> [batch, kv_heads, prompt tokens] kept, for the reference
