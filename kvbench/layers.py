@@ -30,6 +30,7 @@ from kvbench.appending import AppendBuffers
 # (layer, keys returned by its last update): lets kvbench's attention function find the layer whose keys it sees.
 LAST_UPDATE: ContextVar[tuple[CompressedLayer, torch.Tensor] | None] = ContextVar("kvbench_last_update", default=None)
 LENGTH_DTYPE = torch.long  # how ``PerHeadLayer`` stores each KV head's length
+LOGIT_BYTES = 2**26  # float32 logits of one slice of queries in ``PerHeadLayer.attend`` (long query chunks)
 
 
 def lengths_reserve(token_heads: int, budget: float, tokens: int, heads: int, token_bytes: int) -> int:
@@ -231,35 +232,41 @@ class PerHeadLayer(CompressedLayer):
 
     def attend(self, query: torch.Tensor, scaling: float, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Attention output ``[batch, q_len, heads, head_dim]`` of a packed layer: the softmax over each head's packed
-        tokens and the tail together, exactly. Every head's logits go side by side into one transient ``[batch,
-        kv_heads, group * q_len, longest + tail]`` tensor (-inf beyond a head's own tokens), normalised at once:
-        only the logits are padded, never keys or values. The queries are the tail's last ``q_len`` tokens
-        (causal; unpadded rows, as kvbench runs them)."""
+        tokens and the tail together, exactly (``_attend``). The queries are the tail's last ``q_len`` tokens
+        (causal; unpadded rows, as kvbench runs them); a long chunk of them (perplexity's continuation) is taken in
+        slices whose logits stay within ``LOGIT_BYTES``."""
         if not self.packed:
             return None
+        batch, heads, q_len, _ = query.shape
+        tail = self.tail_tokens()
+        rows = max(1, LOGIT_BYTES // (batch * heads * (int(self.lengths.max()) + tail) * 4))
+        parts = [self._attend(query[:, :, start:start + rows], scaling, tail - max(0, q_len - start - rows))
+                 for start in range(0, q_len, rows)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _attend(self, query: torch.Tensor, scaling: float, tail: int) -> torch.Tensor:
+        """``query``: the last ``q_len`` of the tail's first ``tail`` tokens. Every head's logits go side by side
+        into one transient ``[batch, kv_heads, group * q_len, longest + tail]`` tensor (-inf beyond a head's own
+        tokens) and are normalised at once: only the logits are padded, never keys or values."""
         batch, heads, q_len, head_dim = query.shape
-        kv_heads, tail = self.lengths.shape[1], self.tail_tokens()
+        kv_heads = self.lengths.shape[1]
         rows = heads // kv_heads * q_len
         sizes = self.lengths.flatten().tolist()
         longest = max(sizes)
+        tail_keys, tail_values = self.keys[..., :tail, :], self.values[..., :tail, :]
         grouped = query.reshape(batch, kv_heads, rows, head_dim) * scaling
         logits = grouped.new_full((batch, kv_heads, rows, longest + tail), float("-inf"))
-        keys = self.packed_keys.split(sizes)
-        for row, (held, size) in enumerate(zip(keys, sizes, strict=True)):
+        for row, (held, size) in enumerate(zip(self.packed_keys.split(sizes), sizes, strict=True)):
             b, h = divmod(row, kv_heads)
             torch.matmul(grouped[b, h], held.T, out=logits[b, h, :, :size])
-        if tail:
-            torch.matmul(grouped, self.keys.transpose(-1, -2), out=logits[..., longest:])
-            if q_len > 1:
-                future = causal_mask(q_len, tail, query.device).logical_not()
-                logits[..., longest:].view(batch, kv_heads, -1, q_len, tail).masked_fill_(future, float("-inf"))
+        torch.matmul(grouped, tail_keys.transpose(-1, -2), out=logits[..., longest:])
+        if q_len > 1:
+            future = causal_mask(q_len, tail, query.device).logical_not()
+            logits[..., longest:].view(batch, kv_heads, -1, q_len, tail).masked_fill_(future, float("-inf"))
         weights = logits.softmax(-1, dtype=torch.float32).to(self.packed_values.dtype)
-        out = weights.new_empty(batch, kv_heads, rows, self.packed_values.shape[-1])
-        values = self.packed_values.split(sizes)
-        for row, (held, size) in enumerate(zip(values, sizes, strict=True)):
+        out = weights[..., longest:] @ tail_values
+        for row, (held, size) in enumerate(zip(self.packed_values.split(sizes), sizes, strict=True)):
             b, h = divmod(row, kv_heads)
-            torch.matmul(weights[b, h, :, :size], held, out=out[b, h])
-        if tail:
-            out += weights[..., longest:] @ self.values
+            out[b, h].addmm_(weights[b, h, :, :size], held)
         out = out.view(batch, kv_heads, -1, q_len, out.shape[-1]).reshape(batch, heads, q_len, -1)
         return out.transpose(1, 2).contiguous().to(query.dtype)

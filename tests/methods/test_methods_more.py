@@ -177,9 +177,13 @@ def test_packed_update_appends_to_every_head():
     assert lengths.tolist() == [[4, 5]] and packed_keys[:, 0].tolist() == head0[:, 0].tolist() + head1[:, 0].tolist()
 
 
-@pytest.mark.parametrize("q_len", [1, 3])
-def test_packed_attention_is_attention_over_each_heads_tokens(q_len):
-    """Per head: softmax over its packed tokens and the tail (causal among the newest), as sdpa computes it."""
+@pytest.mark.parametrize(("q_len", "logit_bytes"), [(1, 2**26), (3, 2**26), (5, 6 * 16 * 4)])
+def test_packed_attention_is_attention_over_each_heads_tokens(q_len, logit_bytes, monkeypatch):
+    """Per head: softmax over its packed tokens and the tail (causal among the newest), as sdpa computes it; also
+    when a chunk of queries is taken in slices (here one query per slice)."""
+    import kvbench.layers
+
+    monkeypatch.setattr(kvbench.layers, "LOGIT_BYTES", logit_bytes)
     torch.manual_seed(0)
     layer = PerHeadLayer()
     layer.update(torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8))
