@@ -115,8 +115,8 @@ def _limit_table(frame: pd.DataFrame) -> list[Block]:
                  "cache cut to a fraction b of the full cache's KV bytes can speed a step up by at most "
                  "(W + KV) / (W + b·KV). \"of limit\" is the measured decode speed-up (× full) over that limit: 1 "
                  "is all that memory traffic allows; below 1, the method's own work (scoring, rebuilding latent "
-                 "keys) costs time; above 1, the full cache costs more per byte than one read (e.g. copying the "
-                 "growing cache every step on CPU). Sample s is prefill plus decoding of one sample (median)."),
+                 "keys) costs time; above 1, the full cache costs more per byte than one read (e.g. attention over a "
+                 "long context on CPU). Sample s is prefill plus decoding of one sample (median)."),
             Table(["context tokens", "method", "budget", "achieved budget", "sample s", "decode × full", "limit",
                    "of limit"], rows, {"method"})]
 
