@@ -239,19 +239,20 @@ class PerHeadLayer(CompressedLayer):
             return None
         batch, heads, q_len, _ = query.shape
         tail = self.tail_tokens()
-        rows = max(1, LOGIT_BYTES // (batch * heads * (int(self.lengths.max()) + tail) * 4))
-        parts = [self._attend(query[:, :, start:start + rows], scaling, tail - max(0, q_len - start - rows))
+        sizes = self.lengths.flatten().tolist()  # per (batch, KV head), read once for every slice
+        rows = max(1, LOGIT_BYTES // (batch * heads * (max(sizes) + tail) * 4))
+        parts = [self._attend(query[:, :, start:start + rows], scaling, sizes, tail - max(0, q_len - start - rows))
                  for start in range(0, q_len, rows)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def _attend(self, query: torch.Tensor, scaling: float, tail: int) -> torch.Tensor:
-        """``query``: the last ``q_len`` of the tail's first ``tail`` tokens. Every head's logits go side by side
-        into one transient ``[batch, kv_heads, group * q_len, longest + tail]`` tensor (-inf beyond a head's own
-        tokens) and are normalised at once: only the logits are padded, never keys or values."""
+    def _attend(self, query: torch.Tensor, scaling: float, sizes: list[int], tail: int) -> torch.Tensor:
+        """``query``: the last ``q_len`` of the tail's first ``tail`` tokens; ``sizes``: the packed heads' lengths.
+        Every head's logits go side by side into one transient ``[batch, kv_heads, group * q_len, longest + tail]``
+        tensor (-inf beyond a head's own tokens) and are normalised at once: only the logits are padded, never keys
+        or values."""
         batch, heads, q_len, head_dim = query.shape
         kv_heads = self.lengths.shape[1]
         rows = heads // kv_heads * q_len
-        sizes = self.lengths.flatten().tolist()
         longest = max(sizes)
         tail_keys, tail_values = self.keys[..., :tail, :], self.values[..., :tail, :]
         grouped = query.reshape(batch, kv_heads, rows, head_dim) * scaling
